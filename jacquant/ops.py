@@ -1,0 +1,97 @@
+"""The quantized matmul as ``torch.library`` custom ops.
+
+``jacquant::qlinear(x, W, s, z, B, bias, bits, group, rule, A)`` computes
+
+    y = x · Q(W)^T + bias                                   (forward quantizer unchanged)
+
+and its backward
+
+    dL/dx = dL/dy · Q(W)
+    dL/dq = (dL/dy)^T · x                                   [N, K]
+    dL/dW, dL/ds = surrogate rule and LSQ (``jacquant::fake_quant_backward``)
+
+Q(W) is recomputed in the backward rather than saved, so no extra weight-sized tensor lives
+between forward and backward. Under autocast the op quantizes in the weight's dtype (fp32 master
+weights) and multiplies in the activation's dtype. The per-device work lives in
+:mod:`jacquant.kernels` (Triton on CUDA, the torch reference elsewhere).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels
+
+
+@torch.library.custom_op("jacquant::fake_quant", mutates_args=())
+def fake_quant(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: int) -> Tensor:
+    """Q(W) for W [N, K] with per-group scale and integer zero point [N, K/G] (no autograd)."""
+    return kernels.fake_quant_forward(w, scale, zero_point, bits, group)
+
+
+@fake_quant.register_fake
+def _(w, scale, zero_point, bits, group):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("jacquant::fake_quant_backward", mutates_args=())
+def fake_quant_backward(
+    grad_q: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor,
+    bits: int, group: int, rule: str, amplitude: float,
+) -> tuple[Tensor, Tensor]:
+    """(dL/dW [N, K], dL/ds [N, K/G]) from dL/dq by the surrogate ``rule`` and LSQ."""
+    return kernels.fake_quant_backward(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
+
+
+@fake_quant_backward.register_fake
+def _(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude):
+    return (torch.empty_like(w, memory_format=torch.contiguous_format),
+            torch.empty_like(scale, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("jacquant::qlinear", mutates_args=())
+def qlinear(
+    x: Tensor, weight: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor, bias: Optional[Tensor],
+    bits: int, group: int, rule: str, amplitude: float,
+) -> Tensor:
+    """y = x · Q(W)^T + bias, x [..., K], W [N, K] -> y [..., N] in x's dtype."""
+    q = kernels.fake_quant_forward(weight, scale, zero_point, bits, group).to(x.dtype)
+    return F.linear(x, q, None if bias is None else bias.to(x.dtype))
+
+
+@qlinear.register_fake
+def _(x, weight, scale, zero_point, jac, bias, bits, group, rule, amplitude):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, zero_point, jac, bias, bits, group, rule, amplitude = inputs
+    ctx.save_for_backward(x, weight, scale, zero_point, jac)
+    ctx.args = (bits, group, rule, amplitude)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_y):
+    x, weight, scale, zero_point, jac = ctx.saved_tensors
+    bits, group, rule, amplitude = ctx.args
+    n, k = weight.shape
+    grad_x = grad_w = grad_s = grad_b = None
+    if ctx.needs_input_grad[0]:
+        q = torch.ops.jacquant.fake_quant(weight, scale, zero_point, bits, group).to(grad_y.dtype)
+        grad_x = grad_y @ q  # [..., K]
+    gy = grad_y.reshape(-1, n)  # [M, N]
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_q = (gy.t() @ x.reshape(-1, k)).to(weight.dtype)  # [N, K]
+        grad_w, grad_s = torch.ops.jacquant.fake_quant_backward(
+            grad_q, weight, scale, zero_point, jac, bits, group, rule, amplitude)
+        grad_w = grad_w if ctx.needs_input_grad[1] else None
+        grad_s = grad_s if ctx.needs_input_grad[2] else None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+        grad_b = gy.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_s, None, None, grad_b, None, None, None, None
+
+
+qlinear.register_autograd(_backward, setup_context=_setup_context)
