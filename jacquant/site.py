@@ -73,9 +73,7 @@ class Site(NamedTuple):
 
 def sites(model: nn.Module) -> Iterator[Site]:
     """Every quantized site of a transformed model, in module order, each weight once."""
-    seen: set[int] = set()
-    for owner in model.modules():
-        for child in owner.children():
-            if isinstance(child, WeightQuantizer) and id(child) not in seen:
-                seen.add(id(child))
-                yield Site(child.name, owner, child, owner.get_parameter(child.weight_attr))
+    for path, q in model.named_modules():
+        if isinstance(q, WeightQuantizer):
+            owner = model.get_submodule(path.rpartition(".")[0])
+            yield Site(q.name, owner, q, owner.get_parameter(q.weight_attr))
