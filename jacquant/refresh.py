@@ -1,0 +1,182 @@
+"""When and how B is refreshed: a config, a small state module on the model, and ``step(model)``.
+
+Every ``refresh_every`` optimizer steps (and at step 0) each site's B [N, K/G] is re-estimated and
+smoothed (method.md):
+
+    B ← β·B + (1 - β)·clip(λ·B̂ + (1 - λ), b_min, b_max)
+
+Usage::
+
+    jacquant.transform(model, bits=2, method="jacquant")
+    jacquant.refresh.attach(model, RefreshConfig(estimator="dither", width=2.0))   # optional
+    for batch in data:
+        loss(model, batch).backward(); opt.step(); opt.zero_grad()
+        jacquant.step(model)          # counts steps, refreshes B when due
+
+The step counter and the estimator's RNG state are buffers of ``model.jacquant_refresh`` (a
+:class:`RefreshState`), so they travel with ``model.state_dict()`` and :mod:`jacquant.checkpoint`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import estimators
+from .site import sites
+
+ESTIMATORS = ("dither", "probe", "data_probe")
+STATE_ATTR = "jacquant_refresh"
+
+
+@dataclass
+class RefreshConfig:
+    """How B is estimated and smoothed.
+
+    Attributes:
+        estimator: ``"dither"`` (closed form), ``"probe"`` (sampled, closed form in expectation) or
+            ``"data_probe"`` (measures the loss; needs ``loss_fn`` in :func:`step`).
+        width: the estimator's width in scale units: Dither's h, Probe's δ_max, data Probe's δ.
+        refresh_every: K, steps between refreshes (refresh at step 0, K, 2K, ...).
+        beta: β, smoothing of B across refreshes (0 = take the new estimate).
+        lam: λ, shrinkage of B̂ towards 1 (STE); 0 keeps B = 1.
+        b_min, b_max: bounds of the clipped estimate.
+        n_probes: probes per refresh for ``"data_probe"``.
+        seed: seed of the estimator's RNG (``"probe"``, ``"data_probe"``).
+    """
+
+    estimator: str = "dither"
+    width: float = 2.0
+    refresh_every: int = 100
+    beta: float = 0.5
+    lam: float = 1.0
+    b_min: float = 0.1
+    b_max: float = 2.0
+    n_probes: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"RefreshConfig.estimator={self.estimator!r} is not one of {ESTIMATORS}")
+        if not (math.isfinite(self.width) and self.width > 0):
+            raise ValueError(f"RefreshConfig.width={self.width} must be a positive width in scale units")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ValueError(f"RefreshConfig.refresh_every={self.refresh_every!r} must be a positive int")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"RefreshConfig.beta={self.beta} must lie in [0, 1) (1 would never update B)")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"RefreshConfig.lam={self.lam} must lie in [0, 1]")
+        if not 0.0 <= self.b_min <= self.b_max or not math.isfinite(self.b_max):
+            raise ValueError(f"RefreshConfig bounds b_min={self.b_min}, b_max={self.b_max} need 0 <= b_min <= b_max < inf")
+        if not isinstance(self.n_probes, int) or self.n_probes < 1:
+            raise ValueError(f"RefreshConfig.n_probes={self.n_probes!r} must be a positive int")
+
+
+def smooth(b: Tensor, b_hat: Tensor, beta: float, lam: float, b_min: float, b_max: float) -> Tensor:
+    """B_new = β·B + (1 - β)·clip(λ·B̂ + (1 - λ), b_min, b_max), in B's dtype."""
+    target = (lam * b_hat.to(torch.float32) + (1.0 - lam)).clamp(b_min, b_max)
+    return (beta * b.to(torch.float32) + (1.0 - beta) * target).to(b.dtype)
+
+
+class RefreshState(nn.Module):
+    """The refresh clock and RNG of one model: buffers ``step`` (int64) and ``rng`` (CPU generator state)."""
+
+    def __init__(self, config: RefreshConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("rng", torch.Generator().manual_seed(config.seed).get_state())
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.set_state(self.rng.cpu())
+        return g
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+def attach(model: nn.Module, config: Optional[RefreshConfig] = None) -> RefreshState:
+    """Register (or replace) ``model.jacquant_refresh`` with ``config`` (default :class:`RefreshConfig`)."""
+    if not any(True for _ in sites(model)):
+        raise ValueError(f"{type(model).__name__} has no quantized site; call jacquant.transform(model, ...) first")
+    state = RefreshState(config or RefreshConfig())
+    if hasattr(model, STATE_ATTR):
+        delattr(model, STATE_ATTR)
+    model.add_module(STATE_ATTR, state)
+    return state
+
+
+def state_of(model: nn.Module) -> Optional[RefreshState]:
+    s = getattr(model, STATE_ATTR, None)
+    return s if isinstance(s, RefreshState) else None
+
+
+@torch.no_grad()
+def refresh(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> None:
+    """Re-estimate and smooth B on every site now (regardless of the clock)."""
+    state = state_of(model) or attach(model)
+    c = state.config
+    gen = state.generator()
+    if c.estimator == "data_probe":
+        if loss_fn is None:
+            raise ValueError("RefreshConfig.estimator='data_probe' measures the loss: call "
+                             "jacquant.step(model, loss_fn=lambda: loss_on_calibration_batch(model))")
+        with torch.enable_grad():
+            b_hats = estimators.data_probe(loss_fn, model, c.width, c.n_probes, generator=gen)
+    for s in sites(model):
+        q = s.quantizer
+        w = q.as_nk(s.weight.detach())
+        if c.estimator == "dither":
+            b_hat = estimators.dither(w, q.scale, q.zero_point, q.bits, q.group, c.width)
+        elif c.estimator == "probe":
+            b_hat = estimators.probe(w, q.scale, q.zero_point, q.bits, q.group, c.width, generator=gen)
+        else:
+            b_hat = b_hats[s.name]
+        q.jac.copy_(smooth(q.jac, b_hat.to(q.jac.device), c.beta, c.lam, c.b_min, c.b_max))
+    state.rng.copy_(gen.get_state())
+
+
+def step(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> bool:
+    """Call once after each ``optimizer.step()``: refreshes B when the step counter t is 0 mod K.
+
+    Uses ``model.jacquant_refresh`` (attached with the default :class:`RefreshConfig` on the first
+    call if absent). ``loss_fn`` is needed only by the ``"data_probe"`` estimator. Returns True
+    when B was refreshed at this call.
+    """
+    state = state_of(model) or attach(model)
+    due = int(state.step) % state.config.refresh_every == 0
+    if due:
+        refresh(model, loss_fn)
+    state.step += 1
+    return due
+
+
+def hf_callback(config: Optional[RefreshConfig] = None, loss_fn: Optional[Callable[[], Tensor]] = None):
+    """A ``transformers.TrainerCallback`` that calls :func:`step` after every optimizer step.
+
+    ``trainer.add_callback(jacquant.refresh.hf_callback(RefreshConfig(...)))``; transformers is
+    imported only here.
+    """
+    from transformers import TrainerCallback
+
+    class JacQuantRefreshCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is None:
+                return
+            current = state_of(model)
+            if current is None:
+                attach(model, config)
+            elif config is not None:
+                current.config = config  # keep the (possibly resumed) clock and RNG
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is None:
+                raise ValueError("JacQuantRefreshCallback needs the model in on_step_end (Trainer passes it)")
+            step(model, loss_fn)
+
+    return JacQuantRefreshCallback()
