@@ -1,0 +1,300 @@
+"""Convert a transformed (fake-quant) model to its packed integer form, and save / load it.
+
+Each quantized site's :class:`~jacquant.site.WeightQuantizer` and full-precision weight are replaced
+by a :class:`PackedWeight` holding, for W [N, K] in groups of G along K:
+
+    packed      uint8 [N, K/G, G·c/8]   codes c = clamp(round(W/s + z), 0, 2^b - 1), MatMulNBits layout
+    scale       float32 [N, K/G]        s (clamped to SCALE_FLOOR, as the fake-quant forward uses it)
+    zero_point  uint8 [N, K/G]          z
+
+so that ``y = x · (s·(c - z))^T + bias`` is bit-for-bit the fake-quant model's Q(W). The container
+width c is b for b in {2, 4, 8}; 3-bit codes live in a 4-bit container (``storage_bits``). The call
+goes through the custom op ``jacquant::packed_linear`` (one node in an exported graph, translated by
+:mod:`jacquant.export.onnx`). The fp weight is dropped from its owner unless another module still
+uses it (a head tied to an embedding keeps the embedding table, which stays full precision).
+
+Checkpoints are safetensors (no pickle) with metadata naming every packed layer, its bits, group,
+shape and storage width; :func:`load_converted` refuses a file whose metadata does not match.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from .kernels.packed_matmul import packed_linear as _packed_linear_kernel
+from .packing import pack_codes, unpack_codes
+from .passes.rewrite import quantizer_attr
+from .quantizer import SCALE_FLOOR, dequantize
+from .site import WeightQuantizer, sites
+
+FORMAT = "jacquant.converted"
+FORMAT_VERSION = "1"
+
+
+@torch.library.custom_op("jacquant::packed_linear", mutates_args=())
+def packed_linear(
+    x: Tensor, packed: Tensor, scale: Tensor, zero_point: Tensor, bias: Optional[Tensor], bits: int, group: int
+) -> Tensor:
+    """y = x · (s·(c - z))^T + bias, codes c unpacked from ``packed`` [N, K/G, G·bits/8]; x [..., K] -> [..., N]."""
+    return _packed_linear_kernel(x, packed, scale, zero_point, bias, bits, group)
+
+
+@packed_linear.register_fake
+def _(x, packed, scale, zero_point, bias, bits, group):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def storage_bits(bits: int) -> int:
+    """Width of the packing container for b-bit codes: the smallest of 2, 4, 8 that holds them."""
+    for c in (2, 4, 8):
+        if bits <= c:
+            return c
+    raise ValueError(f"bits={bits} does not fit an 8-bit container; jacquant packs 2 to 8 bits")
+
+
+class PackedWeight(nn.Module):
+    """The integer form of one quantized weight, registered on the owner as ``<weight>_packed``.
+
+    Calling it computes ``x · (s·(c - z))^T + bias`` through ``torch.ops.jacquant.packed_linear``.
+    ``bits`` is the code width b (codes < 2^b), ``storage_bits`` the container width (2, 4 or 8).
+    """
+
+    def __init__(self, packed: Tensor, scale: Tensor, zero_point: Tensor, *, bits: int, group: int, name: str,
+                 weight_attr: str, transposed: bool):
+        super().__init__()
+        self.bits, self.group, self.storage_bits = bits, group, storage_bits(bits)
+        self.name, self.weight_attr, self.transposed = name, weight_attr, transposed
+        self.register_buffer("packed", packed)  # uint8 [N, K/G, G·storage_bits/8]
+        self.register_buffer("scale", scale)  # float32 [N, K/G]
+        self.register_buffer("zero_point", zero_point)  # uint8 [N, K/G]
+
+    @classmethod
+    @torch.no_grad()
+    def from_quantizer(cls, q: WeightQuantizer, weight: Tensor) -> "PackedWeight":
+        """Pack ``q.codes(weight)``; refuses a group whose G·container bits is not a whole byte count."""
+        width = storage_bits(q.bits)
+        if (q.group * width) % 8:
+            raise ValueError(f"layer `{q.name}`: group {q.group} with {q.bits}-bit codes ({width}-bit container) does "
+                             f"not pack into whole bytes; use a group that is a multiple of {8 // width}")
+        packed = pack_codes(q.codes(weight), width, q.group)
+        scale = q.scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR).clone()
+        return cls(packed, scale, q.zero_point.detach().clone(), bits=q.bits, group=q.group, name=q.name,
+                   weight_attr=q.weight_attr, transposed=q.transposed)
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[1] * self.group
+
+    def forward(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return torch.ops.jacquant.packed_linear(x, self.packed, self.scale, self.zero_point, bias,
+                                                self.storage_bits, self.group)
+
+    def codes(self) -> Tensor:
+        """Integer codes c, uint8 [N, K]."""
+        return unpack_codes(self.packed, self.storage_bits, self.group)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """s·(c - z), [N, K]."""
+        return dequantize(self.codes(), self.scale, self.zero_point, self.group, dtype)
+
+    def layer_info(self) -> dict:
+        """What a checkpoint's metadata records for this layer."""
+        return {"bits": self.bits, "group": self.group, "storage_bits": self.storage_bits, "out_features":
+                self.out_features, "in_features": self.in_features, "weight_attr": self.weight_attr,
+                "transposed": self.transposed}
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_attr}: [{self.out_features}, {self.in_features}], bits={self.bits}, group={self.group}"
+                f"{'' if self.storage_bits == self.bits else f', {self.storage_bits}-bit container'}")
+
+
+class PackedSite(NamedTuple):
+    """A packed site of a converted model: its name, the module path that holds it, and the module."""
+
+    name: str
+    path: str
+    packed: PackedWeight
+
+
+def packed_sites(model: nn.Module) -> Iterator[PackedSite]:
+    """Every :class:`PackedWeight` of a converted model, in module order."""
+    for path, m in model.named_modules():
+        if isinstance(m, PackedWeight):
+            yield PackedSite(m.name, path, m)
+
+
+def packed_attr(weight_path: str) -> str:
+    """Attribute name of a weight's packed form on its owner: ``weight`` -> ``weight_packed``."""
+    return weight_path.replace(".", "_") + "_packed"
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every quantized site of a transformed model by its packed integer form, in place.
+
+    For each owner the installed forward graph (see :mod:`jacquant.passes.rewrite`) is copied with
+    ``<w>_quantizer(x, W, b)`` replaced by ``<w>_packed(x, b)``; the quantizer is removed and the fp
+    weight dropped (``owner.<w>`` becomes None) where nothing else uses it. Outputs equal the
+    fake-quant model's: both multiply by s·(c - z) computed the same way in float32.
+
+    Raises ValueError for a model that was never transformed, or one already converted.
+    """
+    if any(isinstance(m, PackedWeight) for m in model.modules()) and not any(True for _ in sites(model)):
+        raise ValueError(f"{type(model).__name__} is already converted by jacquant; convert a transformed model once")
+    found = list(sites(model))
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no jacquant quantizer; call jacquant.transform(model, ...) "
+                         "(and train it) before convert")
+    by_owner: dict[int, list] = {}
+    for s in found:
+        by_owner.setdefault(id(s.owner), []).append(s)
+    for owner_sites in by_owner.values():
+        _convert_owner(model, owner_sites)
+    return model
+
+
+def _convert_owner(model: nn.Module, owner_sites: list) -> None:
+    owner = owner_sites[0].owner
+    gm = getattr(getattr(owner, "forward", None), "__self__", None)
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"layer `{owner_sites[0].name}`: its owner {type(owner).__name__} has no jacquant-rewritten "
+                        "forward (was the model's forward replaced after transform?); transform the model again")
+    graph = fx.Graph(owning_module=owner)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    by_target = {quantizer_attr(s.quantizer.weight_attr): s for s in owner_sites}
+    for s in owner_sites:
+        owner.register_module(packed_attr(s.quantizer.weight_attr), PackedWeight.from_quantizer(s.quantizer, s.weight))
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in by_target:
+            continue
+        s = by_target[node.target]
+        x, _, bias = (list(node.args) + [None] * 3)[:3]
+        with graph.inserting_before(node):
+            new = graph.call_module(packed_attr(s.quantizer.weight_attr), (x, bias))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    still_read = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for s in owner_sites:
+        delattr(owner, quantizer_attr(s.quantizer.weight_attr))
+    new_gm = fx.GraphModule(owner, graph, class_name=type(gm).__name__.replace("Quantized", "Packed"))
+    owner.forward = new_gm.forward
+    for s in owner_sites:
+        path = s.quantizer.weight_attr
+        if "." not in path and path not in still_read and not _shared(model, owner, s.weight):
+            owner.register_parameter(path, None)  # the fp weight is gone; owner.<path> is None
+
+
+def _shared(model: nn.Module, owner: nn.Module, weight: Tensor) -> bool:
+    """Whether a module other than ``owner`` holds ``weight`` (a tied embedding)."""
+    for m in model.modules():
+        if m is not owner and any(p is weight for p in m._parameters.values()):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------------- save / load
+def _metadata(model: nn.Module) -> dict[str, str]:
+    layers = {s.path: {"name": s.name, **s.packed.layer_info()} for s in packed_sites(model)}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": type(model).__name__,
+            "layers": json.dumps(layers, sort_keys=True)}
+
+
+def save_converted(model: nn.Module, path: str) -> None:
+    """Write a converted model's state (packed codes, scales, zero points, fp params) as safetensors.
+
+    Metadata records the format, the model class and, per packed layer, its name, bits, group,
+    storage width and shape. Tied parameters are stored once (``safetensors.torch.save_model``).
+    """
+    from safetensors.torch import save_model
+
+    if not any(True for _ in packed_sites(model)):
+        raise ValueError(f"{type(model).__name__} has no packed layer; call jacquant.convert(model) before "
+                         "save_converted (a fake-quant model saves with torch's state_dict)")
+    save_model(model, path, metadata=_metadata(model))
+
+
+def read_metadata(path: str) -> dict:
+    """The jacquant metadata of a converted checkpoint, with ``layers`` decoded; refuses other files."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a jacquant converted checkpoint (metadata format={meta.get('format')!r}); "
+                         "write one with jacquant.save_converted")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has jacquant format version {meta.get('format_version')!r}; this jacquant reads "
+                         f"version {FORMAT_VERSION}")
+    return {**meta, "layers": json.loads(meta["layers"])}
+
+
+def load_converted(model: nn.Module, path: str) -> nn.Module:
+    """Load a :func:`save_converted` checkpoint into ``model``, in place, and return it.
+
+    ``model`` is a skeleton of the same architecture: the original full-precision model (it is
+    transformed with the checkpoint's bits and group, restricted to the checkpoint's layers, then
+    converted), a transformed model (converted), or a converted model. Every packed layer's name,
+    bits, group and shape must match the checkpoint's metadata, and every tensor's shape and dtype
+    the model's state; anything else raises ValueError naming the layer.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    meta = read_metadata(path)
+    layers: dict = meta["layers"]
+    if not any(isinstance(m, (WeightQuantizer, PackedWeight)) for m in model.modules()):
+        _transform_like(model, layers, path)
+    if any(True for _ in sites(model)):
+        convert(model)
+    have = {s.path: {"name": s.name, **s.packed.layer_info()} for s in packed_sites(model)}
+    if set(have) != set(layers):
+        raise ValueError(f"{path}: packed layers differ from the model's; only in the checkpoint: "
+                         f"{sorted(set(layers) - set(have))}, only in the model: {sorted(set(have) - set(layers))}")
+    for p, info in layers.items():
+        if have[p] != info:
+            diff = {k: (info.get(k), have[p].get(k)) for k in set(info) | set(have[p]) if info.get(k) != have[p].get(k)}
+            raise ValueError(f"{path}: layer `{info['name']}` does not match the model (checkpoint, model): {diff}")
+    state = model.state_dict()
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            if key not in state:
+                continue  # a tied duplicate or an unexpected key: load_model(strict=True) decides below
+            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+            if list(sl.get_shape()) != list(state[key].shape) or dtype != state[key].dtype:
+                raise ValueError(f"{path}: tensor `{key}` is {dtype} {list(sl.get_shape())} in the checkpoint but "
+                                 f"{state[key].dtype} {list(state[key].shape)} in the model")
+    missing, unexpected = load_model(model, path, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: state does not match the model; missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
+
+
+def _transform_like(model: nn.Module, layers: dict, path: str) -> None:
+    """Transform a full-precision skeleton with the checkpoint's bits and group, on its layers only."""
+    from .api import transform
+
+    configs = {(v["bits"], v["group"]) for v in layers.values()}
+    if len(configs) != 1:
+        raise ValueError(f"{path} mixes (bits, group) settings {sorted(configs)}; pass a model already transformed "
+                         "or converted with the same layers to load_converted")
+    (bits, group), = configs
+    names = {v["name"] for v in layers.values()}
+    transform(model, bits=bits, group=group, method="ste", init="minmax", include_head=True,
+              filter=lambda name, module: name in names)
