@@ -1,0 +1,70 @@
+"""What every Triton kernel here shares: the optional import, dispatch tests and exact rounding.
+
+Triton is optional: without it ``HAS_TRITON`` is False, ``triton.jit`` is the identity and every
+dispatcher takes its torch reference. Kernels are compiled for CUDA tensors; with
+``TRITON_INTERPRET=1`` set before this package is imported they run on CPU tensors too (that is
+how the tests compare them to their references without a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+    class _Stub:
+        """Stands in for ``triton`` and ``triton.language`` so the kernel modules still import."""
+
+        constexpr = object
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Stub()
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: Tensor) -> bool:
+    """Dispatch test: Triton is importable, every tensor is on CUDA and the floats are fp16/bf16/fp32."""
+    return HAS_TRITON and all(t.is_cuda for t in tensors) and all(
+        t.dtype in FLOAT_DTYPES for t in tensors if t.is_floating_point())
+
+
+def check_triton(name: str) -> None:
+    """Raise a clear error when a Triton launcher is called without Triton."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name} needs triton; install it, or call the dispatcher, which falls back to torch")
+
+
+def check_float(name: str, t: Tensor) -> None:
+    """Kernels load fp16, bf16 or fp32 and compute in fp32."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels take {FLOAT_DTYPES} (use the reference)")
+
+
+@triton.jit
+def round_half_even(v):
+    """torch.round in fp32: round to nearest, ties to even, exact for every finite v.
+
+    f = floor(v), d = v - f (exact); up when d > 1/2, or d = 1/2 and f is odd.
+    """
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
