@@ -13,8 +13,9 @@ Usage::
         loss(model, batch).backward(); opt.step(); opt.zero_grad()
         jacquant.step(model)          # counts steps, refreshes B when due
 
-The step counter and the estimator's RNG state are buffers of ``model.jacquant_refresh`` (a
-:class:`RefreshState`), so they travel with ``model.state_dict()`` and :mod:`jacquant.checkpoint`.
+The step counter and the estimator's RNG state are buffers on the model's root (``jacquant_step``,
+``jacquant_rng``), so they travel with ``model.state_dict()`` and :mod:`jacquant.checkpoint`; the
+config is the attribute ``model.jacquant_refresh_config``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from . import estimators
 from .site import sites
 
 ESTIMATORS = ("dither", "probe", "data_probe")
-STATE_ATTR = "jacquant_refresh"
+STEP, RNG = "jacquant_step", "jacquant_rng"
 
 
 @dataclass
@@ -82,38 +83,56 @@ def smooth(b: Tensor, b_hat: Tensor, beta: float, lam: float, b_min: float, b_ma
     return (beta * b.to(torch.float32) + (1.0 - beta) * target).to(b.dtype)
 
 
-class RefreshState(nn.Module):
-    """The refresh clock and RNG of one model: buffers ``step`` (int64) and ``rng`` (CPU generator state)."""
+class RefreshState:
+    """A view of one model's refresh state: ``config`` (an attribute) and two buffers on the model's root,
+    ``jacquant_step`` (int64 scalar, the step counter t) and ``jacquant_rng`` (the CPU generator state).
 
-    def __init__(self, config: RefreshConfig):
-        super().__init__()
-        self.config = config
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("rng", torch.Generator().manual_seed(config.seed).get_state())
+    Buffers rather than a submodule: an ``nn.Sequential`` runs every child, so none is added.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def config(self) -> RefreshConfig:
+        return self.model.jacquant_refresh_config
+
+    @config.setter
+    def config(self, value: RefreshConfig) -> None:
+        if not isinstance(value, RefreshConfig):
+            raise TypeError(f"refresh config must be a RefreshConfig, got {type(value).__name__}")
+        self.model.jacquant_refresh_config = value
+
+    @property
+    def step(self) -> Tensor:
+        return self.model.jacquant_step
+
+    @property
+    def rng(self) -> Tensor:
+        return self.model.jacquant_rng
 
     def generator(self) -> torch.Generator:
         g = torch.Generator()
         g.set_state(self.rng.cpu())
         return g
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
-
 
 def attach(model: nn.Module, config: Optional[RefreshConfig] = None) -> RefreshState:
-    """Register (or replace) ``model.jacquant_refresh`` with ``config`` (default :class:`RefreshConfig`)."""
+    """Set ``model``'s refresh config (default :class:`RefreshConfig`) and reset its clock and RNG to the seed."""
     if not any(True for _ in sites(model)):
         raise ValueError(f"{type(model).__name__} has no quantized site; call jacquant.transform(model, ...) first")
-    state = RefreshState(config or RefreshConfig())
-    if hasattr(model, STATE_ATTR):
-        delattr(model, STATE_ATTR)
-    model.add_module(STATE_ATTR, state)
+    state = RefreshState(model)
+    state.config = config or RefreshConfig()
+    device = next(s.quantizer.jac.device for s in sites(model))
+    model.register_buffer(STEP, torch.zeros((), dtype=torch.int64, device=device))
+    model.register_buffer(RNG, torch.Generator().manual_seed(state.config.seed).get_state())
     return state
 
 
 def state_of(model: nn.Module) -> Optional[RefreshState]:
-    s = getattr(model, STATE_ATTR, None)
-    return s if isinstance(s, RefreshState) else None
+    """The model's refresh state, or None before :func:`attach` / the first :func:`step`."""
+    ok = isinstance(getattr(model, "jacquant_refresh_config", None), RefreshConfig) and STEP in model._buffers
+    return RefreshState(model) if ok else None
 
 
 @torch.no_grad()
@@ -144,7 +163,7 @@ def refresh(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) ->
 def step(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> bool:
     """Call once after each ``optimizer.step()``: refreshes B when the step counter t is 0 mod K.
 
-    Uses ``model.jacquant_refresh`` (attached with the default :class:`RefreshConfig` on the first
+    Uses the model's refresh state (attached with the default :class:`RefreshConfig` on the first
     call if absent). ``loss_fn`` is needed only by the ``"data_probe"`` estimator. Returns True
     when B was refreshed at this call.
     """
@@ -152,7 +171,7 @@ def step(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> bo
     due = int(state.step) % state.config.refresh_every == 0
     if due:
         refresh(model, loss_fn)
-    state.step += 1
+    state.step.add_(1)
     return due
 
 
