@@ -145,8 +145,8 @@ def summary(model: nn.Module) -> str:
         return f"{type(model).__name__}: not transformed by jacquant"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*rows[0]), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r) for r in rows[1:]]
+    lines = [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r).rstrip() for r in rows[1:]]
     lines.append(f"{len(rows) - 1} quantized sites, {total:,} weights")
     for name, why in getattr(model, "jacquant_skipped", []):
         lines.append(f"full precision: {name} ({why})")
