@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import quantizer, surrogates
 from ..quantizer import SCALE_FLOOR, group_size, qmax
-from .triton_util import check_float, check_triton, round_half_even, tl, triton, use_triton
+from .triton_util import check_float, check_triton, round_half_even, row_sum, tl, triton, use_triton
 
 RULE_IDS = {"ste": 0, "jacquant": 1, "stableqat": 2}
 
@@ -142,7 +142,7 @@ def _fake_quant_bwd_kernel(
     gq_ty = gq_ptr.dtype.element_ty
     if RULE == 1:  # B_g, rounded to grad_q's dtype as the reference multiplies in it
         b = tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gq_ty).to(tl.float32)[:, None]
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.full([BLOCK_R], 0.0, tl.float32)
     for g0 in range(0, G, BLOCK_G):
         cols = g0 + tl.arange(0, BLOCK_G)
         ok = row_ok[:, None] & (cols < G)[None, :]
@@ -163,7 +163,7 @@ def _fake_quant_bwd_kernel(
         tl.store(gw_ptr + offs, g.to(gw_ptr.dtype.element_ty), mask=ok)
         c = tl.minimum(tl.maximum(round_half_even(v), 0.0), QMAX)
         dq_ds = (c - z) - tl.where(inside, v - z, 0.0)
-        acc += tl.sum(tl.where(ok, gq * dq_ds, 0.0), axis=1)
+        acc += row_sum(tl.where(ok, gq * dq_ds, 0.0))
     tl.store(gs_ptr + rows, (acc * gamma).to(gs_ptr.dtype.element_ty), mask=row_ok)
 
 

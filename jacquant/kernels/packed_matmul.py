@@ -65,7 +65,7 @@ def _packed_matmul_kernel(
     groups = K // G
     row_bytes = K // PER
     shift = ((rk % PER) * BITS)[:, None]  # [BLOCK_K, 1]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 + rk)[None, :],
                     mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]

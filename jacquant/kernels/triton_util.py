@@ -68,3 +68,18 @@ def round_half_even(v):
     odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
     up = (d > 0.5) | ((d == 0.5) & odd)
     return tl.where(up, f + 1.0, f)
+
+
+# triton's own sum combine: the interpreter reduces with it by np.sum, any other combine element by element
+_sum_combine = tl.standard._sum_combine if HAS_TRITON else None
+
+
+@triton.jit
+def row_sum(x):
+    """Sum of a [BLOCK_R, BLOCK_G] tile along axis 1.
+
+    ``tl.reduce`` rather than ``tl.sum``: ``tl.sum`` and ``tl.zeros`` are themselves
+    ``@triton.jit`` functions, compiled or interpreted as TRITON_INTERPRET was when triton was
+    first imported, so they fail in a test process that switches to the interpreter later.
+    """
+    return tl.reduce(x, 1, _sum_combine)
