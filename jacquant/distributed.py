@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import Shard
 
+from . import refresh as rf
 from .site import WeightQuantizer, sites
 
 
@@ -163,7 +164,7 @@ def sync_jac(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] 
     """Make every B buffer, and the refresh clock and RNG, equal to rank ``src``'s; returns #B values sent.
 
     B_site ← B_site(rank src) for every site, in one coalesced broadcast of sum_sites N·K/G floats;
-    ``model.jacquant_refresh``'s ``step`` and ``rng`` buffers (if attached) follow, so later sampled
+    the refresh clock and RNG buffers (:func:`jacquant.refresh.state_of`, if attached) follow, so later sampled
     draws agree across ranks too. Call on every rank after each refresh (collective). Without an
     initialised process group it does nothing and returns 0.
     """
@@ -178,9 +179,9 @@ def sync_jac(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] 
     for b in jacs:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))
         offset += b.numel()
-    state = getattr(model, "jacquant_refresh", None)
-    if isinstance(state, nn.Module):
-        for buf in state.buffers():
+    state = rf.state_of(model)
+    if state is not None:
+        for buf in (state.step, state.rng):
             dist.broadcast(buf, src=src_global, group=group)
     return flat.numel()
 
@@ -217,14 +218,12 @@ def step(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> bo
     re-estimates B on whole weights (:func:`full_weights`) and then :func:`sync_jac`\ s it, so every
     rank holds rank 0's B. Accepts the DDP wrapper or the model. Returns True when B was refreshed.
     """
-    from . import refresh as rf
-
     model = unwrap(model)
     state = rf.state_of(model) or rf.attach(model)
     due = int(state.step) % state.config.refresh_every == 0
     if due:
         refresh_synced(model, rf.refresh, loss_fn)
-    state.step += 1
+    state.step.add_(1)
     return due
 
 
