@@ -74,6 +74,12 @@ def _replace(model: onnx.ModelProto, old: onnx.NodeProto, new_nodes: list[onnx.N
     model.graph.initializer.extend(new_inits)
 
 
+def _prefix(node: onnx.NodeProto) -> str:
+    """Name stem for a layer's new initializers: its packed buffer's name less ``.packed``
+    (``blocks.0.qkv.weight_packed``), so a lowered graph still names its layers."""
+    return node.input[1].removesuffix(".packed")
+
+
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
@@ -103,11 +109,12 @@ def to_matmulnbits(model: onnx.ModelProto, accuracy_level: int) -> onnx.ModelPro
         bits, group = a["bits"], a["group"]
         packed, scale, zp = _weights(node, inits)
         n, blocks, _ = packed.shape
-        scale_name = node.name + "_scales"
+        prefix = _prefix(node)
+        scale_name = prefix + ".scales"
         new_inits = [numpy_helper.from_array(_scale_array(scale, _activation_type(model, node), node), scale_name)]
         zp_name = ""
         if not (zp == 1 << (bits - 1)).all():
-            zp_name = node.name + "_zero_points"
+            zp_name = prefix + ".zero_points"
             zp_packed = pack_zero_points(torch.from_numpy(zp.copy()), bits).numpy()  # [N, ceil(K/G·bits/8)]
             new_inits.append(numpy_helper.from_array(zp_packed, zp_name))
         bias = node.input[4] if len(node.input) > 4 else ""
@@ -139,19 +146,19 @@ def to_dequantize_linear(model: onnx.ModelProto) -> onnx.ModelProto:
         n, k = codes.shape
         qtype = ONNX_INT_TYPES[bits]
         opset = max(opset, 25 if bits == 2 else 21)
-        prefix = node.name
-        wq = _int_tensor(codes.t().contiguous(), bits, qtype, prefix + "_Wq")  # [K, N]
-        zq = _int_tensor(torch.from_numpy(zp).t().contiguous(), bits, qtype, prefix + "_Wz")  # [K/G, N]
+        prefix = _prefix(node)
+        wq = _int_tensor(codes.t().contiguous(), bits, qtype, prefix + ".codes")  # [K, N]
+        zq = _int_tensor(torch.from_numpy(zp).t().contiguous(), bits, qtype, prefix + ".zero_points")  # [K/G, N]
         sc = numpy_helper.from_array(
-            np.ascontiguousarray(_scale_array(scale, _activation_type(model, node), node).T), prefix + "_Ws")
-        w_name, y_name = prefix + "_W", node.output[0]
+            np.ascontiguousarray(_scale_array(scale, _activation_type(model, node), node).T), prefix + ".scales")
+        w_name, y_name = prefix + ".dequantized", node.output[0]
         bias = node.input[4] if len(node.input) > 4 and node.input[4] else ""
-        mm_out = y_name if not bias else prefix + "_xW"
-        nodes = [helper.make_node("DequantizeLinear", [wq.name, sc.name, zq.name], [w_name], name=prefix + "_dq",
+        mm_out = y_name if not bias else node.name + "_xW"
+        nodes = [helper.make_node("DequantizeLinear", [wq.name, sc.name, zq.name], [w_name], name=node.name + "_dq",
                                   axis=0, block_size=group),
-                 helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=prefix + "_matmul")]
+                 helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=node.name + "_matmul")]
         if bias:
-            nodes.append(helper.make_node("Add", [mm_out, bias], [y_name], name=prefix + "_bias"))
+            nodes.append(helper.make_node("Add", [mm_out, bias], [y_name], name=node.name + "_bias"))
         _replace(model, node, nodes, [wq, zq, sc])
     _drop_unused_initializers(model)
     _remove_domain(model, DOMAIN)
