@@ -142,7 +142,7 @@ def to_dequantize_linear(model: onnx.ModelProto) -> onnx.ModelProto:
         a = _attrs(node)
         bits, group = a["bits"], a["group"]
         packed, scale, zp = _weights(node, inits)
-        codes = unpack_codes(torch.from_numpy(packed), bits, group)  # [N, K] uint8
+        codes = unpack_codes(torch.from_numpy(packed.copy()), bits, group)  # [N, K] uint8
         n, k = codes.shape
         qtype = ONNX_INT_TYPES[bits]
         opset = max(opset, 25 if bits == 2 else 21)
