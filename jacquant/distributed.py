@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from . import refresh as rf
 from .site import WeightQuantizer, sites
@@ -121,7 +121,28 @@ def shard(model: nn.Module, blocks: Optional[Iterable[nn.Module]] = None, **fsdp
     for block in blocks:
         fully_shard(block, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
+    check_shards(model)
     return model
+
+
+def check_shards(model: nn.Module) -> None:
+    """Raise unless every sharded site's W and s are split along N alike (no group cut by a shard).
+
+    W [N, K] must be Shard(0) (W stored [K, N]: Shard(1)) and s [N, K/G] Shard(0): both are then
+    ``torch.chunk``\ ed over the same N, so each rank's rows of W and of s are the same output rows
+    and each holds whole groups. Sites whose parameters are not DTensors (DDP, one process) pass.
+    """
+    for s in sites(unwrap(model)):
+        w, scale = s.weight, s.quantizer.scale
+        if not (isinstance(w, DTensor) and isinstance(scale, DTensor)):
+            continue
+        n_dim = 1 if s.quantizer.transposed else 0
+        layout = "[K, N]" if s.quantizer.transposed else "[N, K]"
+        if tuple(w.placements) != (Shard(n_dim),) or tuple(scale.placements) != (Shard(0),):
+            raise ValueError(
+                f"layer `{s.name}`: weight {layout} is sharded {tuple(w.placements)} and its scale [N, K/G] "
+                f"{tuple(scale.placements)}; a shard boundary may cut a group of {s.quantizer.group} along K. "
+                f"Shard both along N: fully_shard(..., shard_placement_fn=jacquant.distributed.shard_placement_fn(model))")
 
 
 @contextlib.contextmanager

@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+from torch.distributed.tensor import Shard
 
 import jacquant
 from jacquant import distributed as jd
@@ -58,6 +61,37 @@ def _full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {"model": msd, "momentum": {k: v["momentum_buffer"].clone() for k, v in osd["state"].items()}}
 
 
+class Conv1DNet(nn.Module):
+    """Weights stored [K, N] and used as ``x @ W`` (GPT-2's Conv1D): transposed sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(64, 96) * 0.2)  # [K, N]
+        self.w2 = nn.Parameter(torch.randn(96, 24) * 0.2)  # K = 96 on 2 ranks: rows 48|48 would cut group 32..63
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.w1) @ self.w2
+
+
+def _conv1d_model() -> nn.Module:
+    torch.manual_seed(1)
+    return jacquant.transform(Conv1DNet(), bits=2, group=32, method="ste")
+
+
+def _train_conv1d(model: nn.Module, rank: int, world: int) -> dict:
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 64, generator=g), torch.randn(8, 24, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    per = 8 // world
+    for _ in range(3):
+        xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        ((model(xs) - ys) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    full = StateDictOptions(full_state_dict=True)
+    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=full).items()}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -76,6 +110,18 @@ def _worker(rank: int, port: int, out: str) -> None:
             jd.save(f"{out}/ckpt_{mode}", model, opt, step=STEPS)
             if rank == 0:
                 torch.save({**state, "jac_per_rank": gathered}, f"{out}/{mode}.pt")
+        default = jd.prepare(_conv1d_model())
+        fully_shard(default)  # FSDP2's default Shard(0) cuts [K, N] weights along K
+        try:
+            jd.check_shards(default)
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
+        conv = jd.shard(_conv1d_model())
+        placements = [(tuple(s.weight.placements), tuple(s.weight.to_local().shape)) for s in jacquant.sites(conv)]
+        state = _train_conv1d(conv, rank, WORLD)
+        if rank == 0:
+            torch.save({"model": state, "refused": refused, "placements": placements}, f"{out}/conv1d.pt")
     finally:
         dist.destroy_process_group()
 
@@ -93,6 +139,17 @@ def runs(tmp_path_factory):
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     ref_model, ref_opt = _train(_model(), rank=0, world=1)
     return out, _full_state(ref_model, ref_opt)
+
+
+def test_fsdp_transposed_weights_shard_along_n(runs):
+    """Conv1D-style [K, N] weights: refused under FSDP2's default Shard(0), Shard(1) with shard()."""
+    out, _ = runs
+    got = torch.load(out / "conv1d.pt")
+    assert got["refused"].startswith("layer `w1`: weight [K, N] is sharded") and "shard_placement_fn" in got["refused"]
+    assert got["placements"] == [((Shard(1),), (64, 48)), ((Shard(1),), (96, 12))]
+    want = _train_conv1d(_conv1d_model(), rank=0, world=1)
+    assert any(not torch.equal(want[k], v) for k, v in _conv1d_model().state_dict().items())
+    _assert_close(got["model"], want, "fsdp conv1d state")
 
 
 def _assert_close(got: dict, want: dict, what: str) -> None:
