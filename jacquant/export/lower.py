@@ -148,7 +148,7 @@ def to_dequantize_linear(model: onnx.ModelProto) -> onnx.ModelProto:
         opset = max(opset, 25 if bits == 2 else 21)
         prefix = _prefix(node)
         wq = _int_tensor(codes.t().contiguous(), bits, qtype, prefix + ".codes")  # [K, N]
-        zq = _int_tensor(torch.from_numpy(zp).t().contiguous(), bits, qtype, prefix + ".zero_points")  # [K/G, N]
+        zq = _int_tensor(torch.from_numpy(zp.copy()).t().contiguous(), bits, qtype, prefix + ".zero_points")  # [K/G, N]
         sc = numpy_helper.from_array(
             np.ascontiguousarray(_scale_array(scale, _activation_type(model, node), node).T), prefix + ".scales")
         w_name, y_name = prefix + ".dequantized", node.output[0]
