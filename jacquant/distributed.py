@@ -194,16 +194,20 @@ def sync_jac(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] 
     model = unwrap(model)
     src_global = dist.get_global_rank(group, src) if group is not None else src
     jacs = _jac_buffers(model)
-    flat = torch.cat([b.reshape(-1).to(torch.float32) for b in jacs]) if jacs else torch.zeros(0)
-    dist.broadcast(flat, src=src_global, group=group)  # [sum_sites N·K/G]
+    if not jacs:
+        return 0
+    flat = torch.cat([b.reshape(-1).to(torch.float32) for b in jacs])  # [sum_sites N·K/G]
+    dist.broadcast(flat, src=src_global, group=group)
     offset = 0
     for b in jacs:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))
         offset += b.numel()
     state = rf.state_of(model)
     if state is not None:
-        for buf in (state.step, state.rng):
-            dist.broadcast(buf, src=src_global, group=group)
+        for buf in (state.step, state.rng):  # the RNG state lives on the CPU; nccl needs it on the GPU
+            moved = buf.to(flat.device)
+            dist.broadcast(moved, src=src_global, group=group)
+            buf.copy_(moved)
     return flat.numel()
 
 
@@ -248,7 +252,7 @@ def step(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> bo
     return due
 
 
-def _split(optimizer: Optional[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+def _optimizers(optimizer: Optional[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
     return [] if optimizer is None else [optimizer]
 
 
@@ -258,7 +262,7 @@ def save(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     Works the same on one process, DDP (``module.`` prefix dropped) and FSDP2 (each rank writes its
     shards). Collective when a process group is initialised.
     """
-    msd, osd = get_state_dict(model, _split(optimizer))
+    msd, osd = get_state_dict(model, _optimizers(optimizer))
     dcp.save({"model": msd, "optim": osd, "step": torch.tensor(step)}, checkpoint_id=path)
 
 
@@ -268,8 +272,8 @@ def load(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     ``model`` must be transformed with the same settings (its state_dict keys and global shapes
     match the saved ones); DCP reshards from the saved layout to the current one.
     """
-    msd, osd = get_state_dict(model, _split(optimizer))
+    msd, osd = get_state_dict(model, _optimizers(optimizer))
     state = {"model": msd, "optim": osd, "step": torch.tensor(0)}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, _split(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
     return int(state["step"])

@@ -107,9 +107,10 @@ def _worker(rank: int, port: int, out: str) -> None:
             jacs = torch.cat([b.reshape(-1) for b in jd._jac_buffers(model)])
             gathered = [torch.empty_like(jacs) for _ in range(WORLD)]
             dist.all_gather(gathered, jacs)
+            spread = jd.jac_max_spread(model)
             jd.save(f"{out}/ckpt_{mode}", model, opt, step=STEPS)
             if rank == 0:
-                torch.save({**state, "jac_per_rank": gathered}, f"{out}/{mode}.pt")
+                torch.save({**state, "jac_per_rank": gathered, "spread": spread}, f"{out}/{mode}.pt")
         default = jd.prepare(_conv1d_model())
         fully_shard(default)  # FSDP2's default Shard(0) cuts [K, N] weights along K
         try:
@@ -177,8 +178,9 @@ def test_two_ranks_equal_one_process(runs, mode):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_jac_synced_across_ranks(runs, mode):
     out, ref = runs
-    per_rank = torch.load(out / f"{mode}.pt")["jac_per_rank"]
-    assert torch.equal(per_rank[0], per_rank[1])
+    got = torch.load(out / f"{mode}.pt")
+    per_rank = got["jac_per_rank"]
+    assert torch.equal(per_rank[0], per_rank[1]) and got["spread"] == 0.0
     ref_jac = torch.cat([v.reshape(-1) for k, v in ref["model"].items() if k.endswith(".jac")])
     assert (ref_jac - 1).abs().max() > 0.05, "B was never refreshed away from 1; the sync test would be empty"
     torch.testing.assert_close(per_rank[0], ref_jac, rtol=0, atol=TOL)
