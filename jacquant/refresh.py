@@ -48,6 +48,10 @@ class RefreshConfig:
         b_min, b_max: bounds of the clipped estimate.
         n_probes: probes per refresh for ``"data_probe"``.
         seed: seed of the estimator's RNG (``"probe"``, ``"data_probe"``).
+
+    Defaults from ``benchmarks/width_sweep.py`` (W2 g64 MLP distillation, 300 steps, 2 seeds): with
+    B on the update, h = 2 beat h = 1 (held-out MSE 31.8e-3 vs 32.1e-3, STE 32.6e-3) and K = 100 was
+    no worse than K = 10; with B on the gradient under AdamW no width differed from STE beyond noise.
     """
 
     estimator: str = "dither"
