@@ -143,3 +143,13 @@ def test_state_dict_round_trip_restores_outputs():
     torch.testing.assert_close(a(idx), b(idx), rtol=0, atol=0)
     for sa, sb in zip(jacquant.sites(a), jacquant.sites(b)):
         assert torch.equal(sa.quantizer.jac, sb.quantizer.jac)
+
+
+def test_rewritten_forward_follows_a_swapped_parameter():
+    """The owner's new forward reads the owner's current weight (FSDP2 and assign=True swap it)."""
+    m = jacquant.transform(mlp(), bits=2, group=32)
+    x = torch.randn(3, 64)
+    m[0].weight = nn.Parameter(torch.zeros(128, 64))
+    q = m[0].weight_quantizer
+    torch.testing.assert_close(m[0](x), F.linear(x, q.quantized_weight(m[0].weight), m[0].bias))
+    torch.testing.assert_close(m[0](x), m[0].bias.expand(3, 128))

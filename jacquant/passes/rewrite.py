@@ -9,10 +9,12 @@ matmul whose weight is a quantized parameter is replaced by a call to the parame
     matmul(x, W) / x @ W   ->  W_quantizer(x, W)           (W stored [K, N])
     addmm(b, x, W)         ->  W_quantizer(x, W, b)
 
-and the recompiled graph becomes the owner's ``forward`` (an instance attribute: the class, its
-other methods and the state_dict keys are the user's). Children run their own forwards.
+and the recompiled graph's code becomes the owner's ``forward``, bound to the owner itself (an
+instance attribute: the class, its other methods and the state_dict keys are the user's). Children run their own forwards.
 """
 from __future__ import annotations
+
+import types
 
 import torch.fx as fx
 import torch.nn as nn
@@ -88,7 +90,10 @@ def rewrite_owner(owner: nn.Module, name: str, quantizers: dict[str, nn.Module])
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    owner.forward = gm.forward  # instance attribute: the class and its other methods stay the user's
+    # The generated code reads only the owner's own attributes (its parameters, children, quantizers),
+    # so it is bound to the owner itself: swapped parameters (FSDP2, load_state_dict(assign=True))
+    # are seen, and the class and its other methods stay the user's.
+    owner.forward = types.MethodType(type(gm).forward, owner)
     return gm
 
 
