@@ -5,7 +5,7 @@ with the default refresh period) on TinyGPT. Variants run side by side in one pr
 round by round; the table gives the median time per step over rounds and the ratios. The B
 refresh runs once every K steps, so its cost is reported separately, amortised over K.
 
-    python benchmarks/overhead.py [--rounds 9] [--steps 10] [--no-compile]
+    python benchmarks/overhead.py [--rounds 7] [--steps 4] [--no-compile]
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def make(method: str | None, compiled: bool, cfg: GPTConfig):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=4, help="steps per variant per round")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--no-compile", action="store_true")
