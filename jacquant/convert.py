@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .kernels.packed_matmul import packed_linear as _packed_linear_kernel
 from .packing import pack_codes, unpack_codes
-from .passes.rewrite import quantizer_attr
+from .passes.rewrite import install_forward, installed_graph, quantizer_attr
 from .quantizer import SCALE_FLOOR, dequantize
 from .site import WeightQuantizer, sites
 
@@ -163,8 +163,8 @@ def convert(model: nn.Module) -> nn.Module:
 
 def _convert_owner(model: nn.Module, owner_sites: list) -> None:
     owner = owner_sites[0].owner
-    gm = getattr(getattr(owner, "forward", None), "__self__", None)
-    if not isinstance(gm, fx.GraphModule):
+    gm = installed_graph(owner)
+    if gm is None:
         raise TypeError(f"layer `{owner_sites[0].name}`: its owner {type(owner).__name__} has no jacquant-rewritten "
                         "forward (was the model's forward replaced after transform?); transform the model again")
     graph = fx.Graph(owning_module=owner)
@@ -186,8 +186,7 @@ def _convert_owner(model: nn.Module, owner_sites: list) -> None:
     still_read = {n.target for n in graph.nodes if n.op == "get_attr"}
     for s in owner_sites:
         delattr(owner, quantizer_attr(s.quantizer.weight_attr))
-    new_gm = fx.GraphModule(owner, graph, class_name=type(gm).__name__.replace("Quantized", "Packed"))
-    owner.forward = new_gm.forward
+    install_forward(owner, fx.GraphModule(owner, graph, class_name=type(gm).__name__.replace("Quantized", "Packed")))
     for s in owner_sites:
         path = s.quantizer.weight_attr
         if "." not in path and path not in still_read and not _shared(model, owner, s.weight):

@@ -90,10 +90,30 @@ def rewrite_owner(owner: nn.Module, name: str, quantizers: dict[str, nn.Module])
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    # The generated code reads only the owner's own attributes (its parameters, children, quantizers),
-    # so it is bound to the owner itself: swapped parameters (FSDP2, load_state_dict(assign=True))
-    # are seen, and the class and its other methods stay the user's.
+    install_forward(owner, gm)
+    return gm
+
+
+GRAPH_ATTR = "_jacquant_graph_module"
+
+
+def install_forward(owner: nn.Module, gm: fx.GraphModule) -> None:
+    """Make ``gm``'s generated code the owner's ``forward``, bound to the owner itself.
+
+    The code reads only the owner's own attributes (its parameters, children, quantizers), so
+    swapped parameters (FSDP2, ``load_state_dict(assign=True)``) are seen, and the class and its
+    other methods stay the user's. ``gm`` is kept, unregistered, for its graph (:func:`installed_graph`).
+    """
+    object.__setattr__(owner, GRAPH_ATTR, gm)  # not a child: its tensors are the owner's own
     owner.forward = types.MethodType(type(gm).forward, owner)
+
+
+def installed_graph(owner: nn.Module) -> fx.GraphModule | None:
+    """The GraphModule whose code is the owner's rewritten forward, or None if it has none."""
+    gm = owner.__dict__.get(GRAPH_ATTR)
+    fwd = owner.__dict__.get("forward")
+    if gm is None or getattr(fwd, "__self__", None) is not owner:
+        return None  # never rewritten, or the forward was replaced after the rewrite
     return gm
 
 
