@@ -19,6 +19,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .api import transform
+from .optim import scale_updates_by_b
+from .refresh import step
 from .tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 MODULES = ("argparse", "collections", "csv", "dataclasses", "email.message", "functools", "json",
@@ -56,9 +58,17 @@ def evaluate(model: torch.nn.Module, data: Tensor, seq: int) -> float:
     return loss
 
 
-def train(model: torch.nn.Module, data: Tensor, steps: int, lr: float, seq: int, seed: int, desc: str) -> list[float]:
-    """AdamW with cosine decay on random windows; returns the loss curve."""
+def train(model: torch.nn.Module, data: Tensor, steps: int, lr: float, seq: int, seed: int, desc: str,
+          jacquant_refresh: bool = False) -> list[float]:
+    """AdamW with cosine decay on random windows; returns the loss curve.
+
+    With ``jacquant_refresh``, B is refreshed by ``jacquant.step`` (closed-form Dither, defaults of
+    :class:`~jacquant.refresh.RefreshConfig`) and applied to the update (``scale_updates_by_b``),
+    the placement that measured best with AdamW (benchmarks/width_sweep.py).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if jacquant_refresh:
+        scale_updates_by_b(opt, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(steps, 1))))
     curve = []
     for x in tqdm(batches(data, 16, seq, steps, seed), total=steps, desc=desc, leave=False):
@@ -67,6 +77,8 @@ def train(model: torch.nn.Module, data: Tensor, steps: int, lr: float, seq: int,
         loss.backward()
         opt.step()
         sched.step()
+        if jacquant_refresh:
+            step(model)
         curve.append(loss.item())
     return curve
 
@@ -95,7 +107,7 @@ def run_demo(bits: int = 2, group: int = 32, pretrain_steps: int = 1500, qat_ste
     for method in methods:
         t0 = time.perf_counter()
         model = transform(copy.deepcopy(fp), bits=bits, group=group, method=method)
-        train(model, tr, qat_steps, 1e-3, seq, seed + 1, f"QAT {method}")
+        train(model, tr, qat_steps, 1e-3, seq, seed + 1, f"QAT {method}", jacquant_refresh=method == "jacquant")
         results.append(DemoResult(f"QAT W{bits} {method}", evaluate(model, va, seq), 0.0, time.perf_counter() - t0))
     for r in results:
         r.perplexity = math.exp(r.val_loss)
