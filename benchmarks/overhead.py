@@ -10,8 +10,13 @@ refresh runs once every K steps, so its cost is reported separately, amortised o
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+
+# Compile afresh: a cached graph from an older jacquant (or another variant) would hide the cost of
+# the code under test, since the compile caches key on the graph, not on the custom ops' bodies.
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import torch
 from tqdm import tqdm

@@ -11,7 +11,12 @@ and its backward
     dL/dW, dL/ds = surrogate rule and LSQ (``jacquant::fake_quant_backward``)
 
 Q(W) is recomputed in the backward rather than saved, so no extra weight-sized tensor lives
-between forward and backward. Under autocast the op quantizes in the weight's dtype (fp32 master
+between forward and backward.
+
+The ops are ``torch.library.triton_op``: in eager they run like any custom op, and under
+``torch.compile`` the compiler traces into their bodies (the Triton launches through
+``wrap_triton`` on CUDA, the torch reference elsewhere), so on CPU inductor fuses the fake
+quantization into the surrounding graph instead of calling an opaque kernel. Under autocast the op quantizes in the weight's dtype (fp32 master
 weights) and multiplies in the activation's dtype. The per-device work lives in
 :mod:`jacquant.kernels` (Triton on CUDA, the torch reference elsewhere).
 """
@@ -26,18 +31,14 @@ from torch import Tensor
 from . import kernels
 
 
-@torch.library.custom_op("jacquant::fake_quant", mutates_args=())
+@torch.library.triton_op("jacquant::fake_quant", mutates_args=())
 def fake_quant(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: int) -> Tensor:
     """Q(W) for W [N, K] with per-group scale and integer zero point [N, K/G] (no autograd)."""
     return kernels.fake_quant_forward(w, scale, zero_point, bits, group)
 
 
-@fake_quant.register_fake
-def _(w, scale, zero_point, bits, group):
-    return torch.empty_like(w, memory_format=torch.contiguous_format)
 
-
-@torch.library.custom_op("jacquant::fake_quant_backward", mutates_args=())
+@torch.library.triton_op("jacquant::fake_quant_backward", mutates_args=())
 def fake_quant_backward(
     grad_q: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor,
     bits: int, group: int, rule: str, amplitude: float,
@@ -46,13 +47,8 @@ def fake_quant_backward(
     return kernels.fake_quant_backward(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
 
 
-@fake_quant_backward.register_fake
-def _(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude):
-    return (torch.empty_like(w, memory_format=torch.contiguous_format),
-            torch.empty_like(scale, memory_format=torch.contiguous_format))
 
-
-@torch.library.custom_op("jacquant::qlinear", mutates_args=())
+@torch.library.triton_op("jacquant::qlinear", mutates_args=())
 def qlinear(
     x: Tensor, weight: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor, bias: Optional[Tensor],
     bits: int, group: int, rule: str, amplitude: float,
@@ -61,10 +57,6 @@ def qlinear(
     q = kernels.fake_quant_forward(weight, scale, zero_point, bits, group).to(x.dtype)
     return F.linear(x, q, None if bias is None else bias.to(x.dtype))
 
-
-@qlinear.register_fake
-def _(x, weight, scale, zero_point, jac, bias, bits, group, rule, amplitude):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import estimators
 from ..quantizer import SCALE_FLOOR, qmax
 from .fake_quant import _blocks, _group_rows
-from .triton_util import check_float, check_triton, round_half_even, row_sum, tl, triton, use_triton
+from .triton_util import check_float, check_triton, launch, round_half_even, row_sum, tl, triton, use_triton
 
 
 # ----------------------------------------------------------------------------- torch references
@@ -116,7 +116,7 @@ def dither_triton(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group
     w, scale, zero_point = w.contiguous(), scale.contiguous(), zero_point.contiguous()
     out = torch.empty(scale.shape, dtype=torch.float32, device=w.device)
     block_r, block_g = _blocks(r, g)
-    _dither_kernel[(triton.cdiv(r, block_r),)](
+    launch(_dither_kernel)[(triton.cdiv(r, block_r),)](
         w, scale, zero_point, out, r, g, (h + 1) / 2, (h - 1) / 2, 1.0 / (h * g),
         QMAX=qmax(bits), FLOOR=SCALE_FLOOR, BLOCK_R=block_r, BLOCK_G=block_g,
     )
@@ -136,7 +136,7 @@ def probe_from_deltas_triton(
     w, delta, scale, zero_point = (t.contiguous() for t in (w, delta, scale, zero_point))
     out = torch.empty(scale.shape, dtype=torch.float32, device=w.device)
     block_r, block_g = _blocks(r, g)
-    _probe_kernel[(triton.cdiv(r, block_r),)](
+    launch(_probe_kernel)[(triton.cdiv(r, block_r),)](
         w, delta, scale, zero_point, out, r, g, 1.0 / g,
         QMAX=qmax(bits), FLOOR=SCALE_FLOOR, BLOCK_R=block_r, BLOCK_G=block_g,
     )

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import quantizer, surrogates
 from ..quantizer import SCALE_FLOOR, group_size, qmax
-from .triton_util import check_float, check_triton, round_half_even, row_sum, tl, triton, use_triton
+from .triton_util import check_float, check_triton, launch, round_half_even, row_sum, tl, triton, use_triton
 
 RULE_IDS = {"ste": 0, "jacquant": 1, "stableqat": 2}
 
@@ -119,7 +119,7 @@ def fake_quant_forward_triton(
     codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device) if return_codes else None
     mask = torch.empty(w.shape, dtype=torch.bool, device=w.device) if return_mask else None
     block_r, block_g = _blocks(r, g)
-    _fake_quant_fwd_kernel[(triton.cdiv(r, block_r),)](
+    launch(_fake_quant_fwd_kernel)[(triton.cdiv(r, block_r),)](
         w, scale, zero_point, q, q if codes is None else codes, q if mask is None else mask.view(torch.int8),
         r, g, QMAX=qmax(bits), FLOOR=SCALE_FLOOR, STORE_CODES=return_codes, STORE_MASK=return_mask,
         BLOCK_R=block_r, BLOCK_G=block_g,
@@ -186,7 +186,7 @@ def fake_quant_backward_triton(
     grad_w = torch.empty_like(w)
     grad_s = torch.empty_like(scale)
     block_r, block_g = _blocks(r, g)
-    _fake_quant_bwd_kernel[(triton.cdiv(r, block_r),)](
+    launch(_fake_quant_bwd_kernel)[(triton.cdiv(r, block_r),)](
         grad_q, w, scale, zero_point, jac, grad_w, grad_s,
         r, g, math.sqrt(2.0) * math.pi * amplitude, 1.0 / math.sqrt(g * qmax(bits)),
         QMAX=qmax(bits), FLOOR=SCALE_FLOOR, RULE=RULE_IDS[rule], BLOCK_R=block_r, BLOCK_G=block_g,

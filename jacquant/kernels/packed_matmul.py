@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..packing import PACKABLE_BITS, unpack_codes
 from ..quantizer import dequantize, group_size
-from .triton_util import check_float, check_triton, tl, triton, use_triton
+from .triton_util import check_float, check_triton, launch, tl, triton, use_triton
 
 
 def packed_linear_reference(
@@ -131,7 +131,7 @@ def packed_linear_triton(
     packed, scale, zero_point = packed.contiguous(), scale.contiguous(), zero_point.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _packed_matmul_kernel[grid](
+    launch(_packed_matmul_kernel)[grid](
         x2, packed, scale, zero_point, y if bias is None else bias.contiguous(), y,
         m, n, k, g, x2.stride(0), y.stride(0),
         BITS=bits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **cfg,

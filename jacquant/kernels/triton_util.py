@@ -34,6 +34,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def launch(kernel):
+    """``kernel`` wrapped for ``torch.library.wrap_triton``: launches as usual in eager, and lets
+    ``torch.compile`` trace the launch inside a ``torch.library.triton_op`` (see :mod:`jacquant.ops`)."""
+    return torch.library.wrap_triton(kernel) if HAS_TRITON else kernel
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
