@@ -1,0 +1,161 @@
+"""Real English text that a package registry installs, with a fixed train/validation split.
+
+The corpus is the reStructuredText source of the Python documentation that Debian's
+``python3.X-doc`` package installs under ``/usr/share/doc/python3.X/html/_sources`` (about 500 files,
+11 MB of English prose with code examples; ``apt-get install python3.11-doc``). Where that package
+is absent the fallback is the documentation this Python interpreter itself ships: the language
+reference topics of ``pydoc_data`` and the docstrings of the standard library (about 1 MB). The
+corpus that was used is always reported, never swapped silently.
+
+Split (fixed, documented): files sorted by path; every 10th file (index 9, 19, 29, ...) is the
+validation set, the rest train. Sentences for the encoder track come from the same split.
+Tokens are bytes (UTF-8), vocabulary 256.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import inspect
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DOC_GLOB = "/usr/share/doc/python3*/html/_sources"
+VALID_EVERY = 10
+STDLIB_MODULES = ("argparse", "collections", "csv", "dataclasses", "email.message", "functools", "json",
+                  "logging", "pathlib", "subprocess", "textwrap", "threading", "unittest.case", "zipfile")
+
+
+@dataclass
+class Corpus:
+    """Documents of one corpus, split into train and validation texts."""
+
+    name: str
+    train: list[str]
+    valid: list[str]
+
+    def train_bytes(self) -> Tensor:
+        """The training documents joined by blank lines, as a 1-D uint8 tensor of UTF-8 bytes."""
+        return to_bytes(self.train)
+
+    def valid_bytes(self) -> Tensor:
+        """The validation documents joined by blank lines, as a 1-D uint8 tensor of UTF-8 bytes."""
+        return to_bytes(self.valid)
+
+
+def to_bytes(docs: list[str]) -> Tensor:
+    """UTF-8 bytes of the documents joined by a blank line, uint8 [n]."""
+    data = "\n\n".join(docs).encode("utf-8", "replace")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def split(docs: list[str]) -> tuple[list[str], list[str]]:
+    """(train, valid): document i goes to validation when i % 10 == 9 (docs in sorted-path order)."""
+    train = [d for i, d in enumerate(docs) if i % VALID_EVERY != VALID_EVERY - 1]
+    valid = [d for i, d in enumerate(docs) if i % VALID_EVERY == VALID_EVERY - 1]
+    return train, valid
+
+
+def python_doc_dir() -> str | None:
+    """The newest ``/usr/share/doc/python3.X/html/_sources`` present, or None."""
+    found = sorted(glob.glob(DOC_GLOB), key=lambda p: [int(n) for n in re.findall(r"\d+", p)])
+    return found[-1] if found else None
+
+
+def python_doc_corpus(root: str) -> Corpus:
+    """Every ``*.txt`` file under ``root`` (the docs' reST sources), sorted by relative path."""
+    paths = sorted(glob.glob(os.path.join(root, "**", "*.txt"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no *.txt documentation sources under {root}")
+    docs = []
+    for p in paths:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            docs.append(f.read())
+    train, valid = split(docs)
+    version = re.search(r"python3\.\d+", root)
+    return Corpus(f"{version.group(0) if version else 'python'}-doc ({root}, {len(docs)} files)", train, valid)
+
+
+def stdlib_corpus(modules: tuple[str, ...] = STDLIB_MODULES) -> Corpus:
+    """This interpreter's own documentation: ``pydoc_data.topics`` plus stdlib docstrings."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k] for k in sorted(topics)]
+    for name in modules:
+        mod = importlib.import_module(name)
+        for obj in [mod, *[v for _, v in sorted(vars(mod).items()) if inspect.isclass(v) or inspect.isfunction(v)]]:
+            doc = inspect.getdoc(obj)
+            if doc and getattr(obj, "__module__", name) == name:
+                docs.append(doc)
+    train, valid = split(docs)
+    return Corpus(f"python stdlib documentation (pydoc_data + docstrings, {len(docs)} texts)", train, valid)
+
+
+def load_corpus(source: str = "auto") -> Corpus:
+    """The corpus for ``source``: "python-doc", "stdlib", a directory of ``*.txt`` files, or "auto".
+
+    "auto" takes the Debian Python documentation when installed and otherwise falls back to
+    "stdlib" with a warning saying how to install the larger corpus.
+    """
+    if source in ("auto", "python-doc"):
+        root = python_doc_dir()
+        if root is not None:
+            return python_doc_corpus(root)
+        if source == "python-doc":
+            raise FileNotFoundError(f"no Python documentation under {DOC_GLOB}; apt-get install python3.11-doc")
+        warnings.warn(f"no Python documentation under {DOC_GLOB} (apt-get install python3.11-doc); "
+                      "using the smaller stdlib documentation corpus", stacklevel=2)
+        return stdlib_corpus()
+    if source == "stdlib":
+        return stdlib_corpus()
+    if os.path.isdir(source):
+        return python_doc_corpus(source)
+    raise ValueError(f"corpus {source!r} is not 'auto', 'python-doc', 'stdlib' or a directory of *.txt files")
+
+
+def read_text_files(paths: list[str]) -> Tensor:
+    """UTF-8 bytes of the user's text files, joined by blank lines, uint8 [n]."""
+    docs = []
+    for p in paths:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            docs.append(f.read())
+    if not any(docs):
+        raise ValueError(f"the text files {paths} are empty")
+    return to_bytes(docs)
+
+
+_MARKUP = re.compile(r"[`*:_|<>\\=~^#\[\]{}]|\.\.")
+
+
+def sentences(docs: list[str], min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Prose sentences of the documents: paragraphs split at '. ', without markup or code lines.
+
+    A line is kept when it starts with a letter and has no reST markup characters; sentences with
+    ``min_words`` to ``max_words`` words are returned, in document order, without duplicates.
+    """
+    out, seen = [], set()
+    for doc in docs:
+        for para in doc.split("\n\n"):
+            lines = [ln.strip() for ln in para.splitlines()]
+            if not lines or not all(ln[:1].isalpha() for ln in lines) or any(_MARKUP.search(ln) for ln in lines):
+                continue
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(lines)):
+                n = len(s.split())
+                if min_words <= n <= max_words and s[-1:] in ".!?" and s not in seen:
+                    seen.add(s)
+                    out.append(s)
+    return out
+
+
+def windows(data: Tensor, batch: int, seq: int, steps: int, seed: int):
+    """``steps`` batches of ``batch`` random windows of ``seq + 1`` bytes (int64 [batch, seq + 1])."""
+    if len(data) <= seq + 1:
+        raise ValueError(f"text of {len(data)} bytes is shorter than one window of {seq + 1}")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        yield torch.stack([data[j:j + seq + 1] for j in i.tolist()]).long()

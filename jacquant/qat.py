@@ -1,0 +1,169 @@
+"""QAT recipes and the one training loop every track and benchmark shares.
+
+A :class:`Recipe` names a method as the accuracy benchmark compares them: the backward rule, and
+for JacQuant which estimator refreshes B and where B enters (method.md):
+
+    rtn          round-to-nearest PTQ: the MSE-initialised grid, no training
+    ste          clipped straight-through estimator
+    stableqat    StableQAT's Fourier surrogate, A = 0.21
+    jacquant     the library default: Dither (h = 2), B on the update, AdamW
+    jq-dither-grad, jq-probe, jq-data-probe, jq-mars, ste-mars
+                 the variants of the benchmark (B on the gradient, the other estimators, MARS-AdamW)
+
+:func:`train` runs AdamW (or MARS-AdamW) with a cosine schedule over the given batches, calls
+``jacquant.step`` after each step for the JacQuant recipes, and logs ``jacquant.stats`` to a JSONL
+file when asked. Every method gets the same batches, steps and learning-rate rule.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from tqdm import tqdm
+
+from .api import transform
+from .config import QuantConfig
+from .optim import MarsAdamW, scale_updates_by_b
+from .refresh import RefreshConfig, attach
+from .refresh import step as refresh_step
+from .stats import StatsLogger
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One QAT method.
+
+    Attributes:
+        name: the row label.
+        rule: the backward rule of the sites ("ste", "stableqat", "jacquant"); ignored when not ``train``.
+        estimator: for rule "jacquant", the B estimator ("dither", "probe", "data_probe").
+        placement: for rule "jacquant", where B enters: "update" (after AdamW's preconditioning)
+            or "grad" (in the op's backward).
+        optimizer: "adamw" or "mars" (:class:`jacquant.optim.MarsAdamW`).
+        width: the estimator's width in scale units (Dither's h, Probe's δ).
+        train: False for RTN.
+    """
+
+    name: str
+    rule: str = "ste"
+    estimator: Optional[str] = None
+    placement: str = "update"
+    optimizer: str = "adamw"
+    width: float = 2.0
+    train: bool = True
+
+    @property
+    def is_jacquant(self) -> bool:
+        return self.train and self.rule == "jacquant"
+
+    def refresh_config(self, seed: int) -> RefreshConfig:
+        return RefreshConfig(estimator=self.estimator or "dither", width=self.width, seed=seed)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("rtn", train=False),
+    Recipe("ste"),
+    Recipe("stableqat", rule="stableqat"),
+    Recipe("jacquant", rule="jacquant", estimator="dither"),
+    Recipe("jq-dither-grad", rule="jacquant", estimator="dither", placement="grad"),
+    Recipe("jq-probe", rule="jacquant", estimator="probe"),
+    Recipe("jq-data-probe", rule="jacquant", estimator="data_probe", width=1.0),
+    Recipe("ste-mars", optimizer="mars"),
+    Recipe("jq-mars", rule="jacquant", estimator="dither", optimizer="mars"),
+)}
+DEFAULT_METHODS = ("rtn", "ste", "stableqat", "jacquant")
+
+
+def recipes(names: Iterable[str]) -> list[Recipe]:
+    """The recipes called ``names`` (see :data:`RECIPES`), in order; unknown names are an error."""
+    names = list(names)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(RECIPES)}")
+    return [RECIPES[n] for n in names]
+
+
+def quantize_copy(model: nn.Module, recipe: Recipe, config: QuantConfig, example_inputs=None) -> nn.Module:
+    """A deep copy of the full-precision ``model`` transformed with ``recipe``'s rule."""
+    q = copy.deepcopy(model)
+    cfg = replace(config, method=recipe.rule if recipe.train else "ste")
+    return transform(q, config=cfg, example_inputs=example_inputs)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    """AdamW or MARS-AdamW over every trainable parameter (weights, biases, scales), no weight decay;
+    for JacQuant with ``placement="update"``, hooked by :func:`jacquant.optim.scale_updates_by_b`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = MarsAdamW(params, lr=lr, weight_decay=0.0) if recipe.optimizer == "mars" else \
+        torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if recipe.is_jacquant and recipe.placement == "update":
+        scale_updates_by_b(opt, model)
+    return opt
+
+
+def cosine(steps: int, warmup: int = 0) -> Callable[[int], float]:
+    """lr multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    def f(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(steps - warmup, 1)))
+    return f
+
+
+def train(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, object], Tensor],
+    steps: int,
+    lr: float,
+    *,
+    seed: int = 0,
+    warmup: int = 0,
+    calib_batch: object = None,
+    log_path: Optional[str] = None,
+    log_every: int = 10,
+    desc: str = "",
+) -> list[float]:
+    """Train ``model`` (already transformed, or full precision for pretraining) for ``steps`` steps.
+
+    Each step: ``loss_fn(model, batch).backward()``, optimizer step, cosine lr, and for JacQuant
+    ``jacquant.step(model)`` (B refreshed at step 0 and every K steps; the data-driven Probe measures
+    ``loss_fn(model, calib_batch)``). Returns the training-loss curve. With ``log_path``, per-site
+    diagnostics (:func:`jacquant.stats`) are appended to that JSONL file every ``log_every`` steps.
+    """
+    if recipe.is_jacquant:
+        attach(model, recipe.refresh_config(seed))
+    opt = make_optimizer(model, recipe, lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps, warmup))
+    probe_loss = None
+    if recipe.is_jacquant and recipe.estimator == "data_probe":
+        if calib_batch is None:
+            raise ValueError(f"recipe {recipe.name!r} (data-driven Probe) needs a calib_batch")
+        probe_loss = lambda: loss_fn(model, calib_batch)  # noqa: E731
+    logger = StatsLogger(log_path) if log_path else None
+    curve: list[float] = []
+    model.train()
+    bar = tqdm(batches, total=steps, desc=desc or recipe.name, leave=False)
+    for t, batch in enumerate(bar):
+        if t >= steps:
+            break
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{recipe.name}: loss is {loss.item()} at step {t}; lower the learning rate {lr}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if recipe.is_jacquant:
+            refresh_step(model, probe_loss)
+        curve.append(loss.item())
+        if logger is not None and (t % log_every == 0 or t == steps - 1):
+            logger.log(model, t, curve[-1])
+        bar.set_postfix(loss=f"{curve[-1]:.3f}")
+    return curve
