@@ -4,6 +4,7 @@ from .api import summary, transform
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import QuantConfig
 from .convert import convert, load_converted, save_converted
+from .faults import NonFiniteError, check_finite, guard
 from .refresh import RefreshConfig, step
 from .site import WeightQuantizer, sites
 from .stats import StatsLogger, stats
@@ -13,6 +14,7 @@ __all__ = [
     "convert", "export_onnx", "load_checkpoint", "load_converted", "optim", "plot", "save_checkpoint",
     "save_converted", "sites", "stats", "step", "summary", "transform",
 ]
+__all__ += ["NonFiniteError", "check_finite", "guard"]
 __version__ = "0.1.0"
 
 _LAZY = {"export_onnx": ".export", "plot": ".plot"}  # need onnx / matplotlib: imported on first use
