@@ -151,11 +151,11 @@ def sentences(docs: list[str], min_words: int = 6, max_words: int = 40) -> list[
     return out
 
 
-def windows(data: Tensor, batch: int, seq: int, steps: int, seed: int):
-    """``steps`` batches of ``batch`` random windows of ``seq + 1`` bytes (int64 [batch, seq + 1])."""
+def windows(data: Tensor, batch: int, seq: int, steps: int, seed: int, device: str | torch.device = "cpu"):
+    """``steps`` batches of ``batch`` random windows of ``seq + 1`` bytes (int64 [batch, seq + 1] on ``device``)."""
     if len(data) <= seq + 1:
         raise ValueError(f"text of {len(data)} bytes is shorter than one window of {seq + 1}")
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         i = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
-        yield torch.stack([data[j:j + seq + 1] for j in i.tolist()]).long()
+        yield torch.stack([data[j:j + seq + 1] for j in i.tolist()]).long().to(device)

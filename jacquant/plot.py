@@ -44,3 +44,75 @@ def plot(jsonl: str | os.PathLike, out_png: str | os.PathLike) -> str:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return os.fspath(out_png)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (the first ones average what exists)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def loss_curves(rows: list[dict], out_png: str | os.PathLike, window: int = 10) -> str:
+    """Training loss per method (mean over seeds, trailing mean over ``window`` steps), a panel per track."""
+    tracks = list(dict.fromkeys(r["track"] for r in rows if r["curve"]))
+    fig, axes = plt.subplots(len(tracks), 1, figsize=(7, 3.2 * max(len(tracks), 1)), squeeze=False)
+    for ax, track in zip(axes[:, 0], tracks):
+        by_method: dict[str, list[list[float]]] = {}
+        for r in rows:
+            if r["track"] == track and r["curve"]:
+                by_method.setdefault(r["method"], []).append(r["curve"])
+        for method, curves in by_method.items():
+            n = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            ax.plot(_smooth(mean, window), label=f"{method} ({len(curves)} seeds)")
+        ax.set_title(track)
+        ax.set_xlabel("QAT step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return os.fspath(out_png)
+
+
+def flip_rates(rows: list[dict], out_png: str | os.PathLike) -> str:
+    """Code-flip rate (all sites, weighted by size) over steps, per track and method, from the rows' JSONL logs."""
+    logged = [r for r in rows if r.get("log") and os.path.exists(r["log"])]
+    tracks = list(dict.fromkeys(r["track"] for r in logged)) or ["(no logs)"]
+    fig, axes = plt.subplots(len(tracks), 1, figsize=(7, 3.2 * len(tracks)), squeeze=False)
+    for ax, track in zip(axes[:, 0], tracks):
+        for r in logged:
+            if r["track"] != track:
+                continue
+            rec = [x for x in read_jsonl(r["log"]) if x["all"]["flip_rate"] is not None]
+            ax.plot([x["step"] for x in rec], [x["all"]["flip_rate"] for x in rec],
+                    label=f"{r['method']} s{r['seed']}", alpha=0.8)
+        ax.set_title(track)
+        ax.set_xlabel("QAT step")
+        ax.set_ylabel("code-flip rate per logged interval")
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return os.fspath(out_png)
+
+
+def b_histograms(models: dict[str, "torch.nn.Module"], out_png: str | os.PathLike, bins: int = 40) -> str:
+    """Histogram of B over every group of every site, one panel per model (e.g. per track)."""
+    from .site import sites
+
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(4.5 * max(len(models), 1), 3.2), squeeze=False)
+    for ax, (label, model) in zip(axes[0], models.items()):
+        values = [float(v) for s in sites(model) for v in s.quantizer.jac.flatten().tolist()]
+        ax.hist(values, bins=bins)
+        ax.set_title(f"B at the end of QAT: {label}", fontsize=9)
+        ax.set_xlabel("B (per group)")
+        ax.set_ylabel("groups")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return os.fspath(out_png)

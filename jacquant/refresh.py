@@ -203,3 +203,12 @@ def hf_callback(config: Optional[RefreshConfig] = None, loss_fn: Optional[Callab
             step(model, loss_fn)
 
     return JacQuantRefreshCallback()
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the refresh state (config, step counter and RNG buffers) from ``model``, e.g. before
+    :func:`jacquant.convert` makes an inference model that no longer trains. No-op when absent."""
+    for name in (STEP, RNG):
+        model._buffers.pop(name, None)
+    if "jacquant_refresh_config" in vars(model):
+        del model.jacquant_refresh_config

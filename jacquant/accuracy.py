@@ -1,0 +1,128 @@
+"""The accuracy benchmark behind ``jacquant run`` and ``benchmarks/accuracy.py``.
+
+Two tracks, every method with the same data, steps and learning rate per track, several seeds:
+
+- ``lm``: a byte-level LLaMA pretrained on the Python documentation (:mod:`jacquant.lm_track`),
+  metric held-out perplexity per byte;
+- ``encoder``: all-MiniLM-L6-v2 distilled into its 2-bit copy (:mod:`jacquant.encoder_track`),
+  metrics cosine to the full-precision embedding and Spearman of pairwise similarities.
+
+Then the best trained 2-bit LM is exported to ONNX (onnxruntime's ``MatMulNBits``) and its
+perplexity under onnxruntime is measured beside PyTorch's on the same windows. Everything lands in
+``out_dir``: ``results.md``, ``results.json``, PNG plots, the ONNX file and the JSONL diagnostics.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, replace
+from typing import Optional
+
+import torch
+
+from . import data, lm_track, plot, report
+from .qat import DEFAULT_METHODS, recipes
+
+TRACKS = ("lm", "encoder")
+
+
+def run_accuracy(
+    out_dir: str,
+    *,
+    tracks: tuple[str, ...] = TRACKS,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    bits: int = 2,
+    group: int = 64,
+    quick: bool = False,
+    lm_steps: Optional[int] = None,
+    lm_lr: Optional[float] = None,
+    encoder_steps: Optional[int] = None,
+    encoder_lr: Optional[float] = None,
+    corpus: str = "auto",
+    export: bool = True,
+    device: str = "cpu",
+    log=print,
+) -> dict:
+    """Run the benchmark and write the report; returns ``{"summary", "verdicts", "paths", "onnx"}``."""
+    unknown = set(tracks) - set(TRACKS)
+    if unknown:
+        raise ValueError(f"unknown track(s) {sorted(unknown)}; choose from {TRACKS}")
+    t_start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    recs = recipes(methods)
+    text = data.load_corpus(corpus)
+    log(f"corpus: {text.name}: {len(text.train_bytes()):,} training and {len(text.valid_bytes()):,} validation bytes")
+    meta = {"bits": bits, "group": group, "methods": ", ".join(methods), "seeds": len(seeds), "corpus": text.name,
+            "torch": torch.__version__, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "quick": quick}
+    rows: list[dict] = []
+    models: dict[str, torch.nn.Module] = {}
+    onnx_info: dict = {}
+    if "lm" in tracks:
+        budget = lm_track.QUICK if quick else lm_track.DEFAULT
+        budget = replace(budget, steps=lm_steps or budget.steps, lr=lm_lr or budget.lr)
+        fp, info = lm_track.pretrained(text, budget, log=log, device=device)
+        meta["lm_budget"] = asdict(budget)
+        meta["lm_pretrain"] = {k: v for k, v in info.items() if k != "curve"}
+        lm_rows, kept = lm_track.run(fp, text, recs, list(seeds), bits, group, budget, out_dir)
+        rows += lm_rows
+        if "jacquant" in kept:
+            models["lm jacquant"] = kept["jacquant"]
+        if export:
+            onnx_info = export_best(lm_rows, kept, text, budget, bits, out_dir, log)
+    if "encoder" in tracks:
+        from . import encoder_track
+
+        settings = encoder_track.QUICK if quick else encoder_track.DEFAULTS
+        settings = replace(settings, steps=encoder_steps or settings.steps, lr=encoder_lr or settings.lr)
+        meta["encoder_budget"] = asdict(settings)
+        rows += encoder_track.run(recs, list(seeds), bits, group, settings.steps, settings.lr, settings.batch,
+                                  settings.max_len, out_dir, corpus=text)
+    paths = {"loss_curves": plot.loss_curves(rows, os.path.join(out_dir, "loss_curves.png")),
+             "flip_rate": plot.flip_rates(rows, os.path.join(out_dir, "flip_rate.png"))}
+    if models:
+        paths["b_histogram"] = plot.b_histograms(models, os.path.join(out_dir, "b_histogram.png"))
+    meta["seconds"] = round(time.perf_counter() - t_start, 1)
+    md, js = report.write(out_dir, rows, meta, extra_md=_onnx_md(onnx_info) + _files_md(paths))
+    paths.update(results_md=md, results_json=js)
+    summary = report.summarise(rows)
+    return {"summary": summary, "verdicts": report.verdicts(summary), "paths": paths, "onnx": onnx_info,
+            "seconds": meta["seconds"]}
+
+
+def export_best(rows: list[dict], kept: dict, text: data.Corpus, budget: lm_track.Budget, bits: int,
+                out_dir: str, log=print) -> dict:
+    """Export the trained method with the lowest mean perplexity (its first seed) and compare
+    onnxruntime's perplexity with PyTorch's on the evaluation windows."""
+    from .export import export_onnx
+
+    trained = report.summarise([r for r in rows if r["method"] in kept and r["curve"]]).get("lm", {})
+    if not trained:
+        return {}
+    best = min(trained, key=lambda m: trained[m]["ppl"]["mean"])
+    model = kept[best].cpu()  # onnxruntime runs on the CPU here; compare on the same device
+    windows = lm_track.eval_windows(text.valid_bytes(), budget.eval_windows, budget.seq)
+    path = os.path.join(out_dir, f"lm-{best}-w{bits}.onnx")
+    target = "ort"  # MatMulNBits; 3-bit codes are widened to 4-bit storage (same values)
+    log(f"exporting the best 2-bit LM ({best}) to {path}")
+    export_onnx(model, (windows[:2, :-1],), path, target=target, accuracy_level=4, widen_bits=bits == 3)
+    torch_ppl = lm_track.perplexity(model, windows)
+    ort_ppl = lm_track.onnx_perplexity(path, windows)
+    return {"method": best, "path": path, "target": target, "accuracy_level": 4, "torch_ppl": torch_ppl,
+            "onnxruntime_ppl": ort_ppl, "mib": os.path.getsize(path) / 2**20}
+
+
+def _onnx_md(info: dict) -> str:
+    if not info:
+        return ""
+    return ("## Exported integer model\n\n"
+            f"The best trained LM ({info['method']}) exported to `{os.path.basename(info['path'])}` "
+            f"({info['mib']:.2f} MiB, target {info['target']}, MatMulNBits accuracy_level {info['accuracy_level']}):\n\n"
+            "| runtime | held-out perplexity per byte |\n|---|---|\n"
+            f"| PyTorch (fake quant) | {info['torch_ppl']:.4f} |\n| onnxruntime | {info['onnxruntime_ppl']:.4f} |\n\n")
+
+
+def _files_md(paths: dict) -> str:
+    return "## Plots\n\n" + "\n".join(f"![{k}]({os.path.basename(v)})" for k, v in paths.items()) + "\n"

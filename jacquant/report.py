@@ -1,0 +1,117 @@
+"""The accuracy table and the run report: mean ± std over seeds, the verdict, plots, results files.
+
+Each track returns rows ``{"track", "method", "seed", "metrics": {name: value}, "seconds", "curve",
+"log"}``. :func:`summarise` groups them per (track, method) into mean and sample standard deviation
+over seeds; :func:`verdict` answers the benchmark's question for one metric:
+
+    Δ = mean_JacQuant − mean_baseline (signed so that > 0 means JacQuant is better)
+    spread = max(std_JacQuant, std_baseline)
+    "beats" when Δ > spread, "loses" when −Δ > spread, else "within the seed spread".
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Optional
+
+# metric -> (label, higher is better, format)
+METRICS = {
+    "ppl": ("held-out perplexity per byte", False, "{:.3f}"),
+    "cosine": ("cosine to fp32 embedding", True, "{:.4f}"),
+    "spearman": ("Spearman of pairwise similarities", True, "{:.4f}"),
+}
+TRACK_TITLES = {"lm": "Causal LM (LLaMA, byte-level, Python docs)", "encoder": "Encoder (all-MiniLM-L6-v2, distillation)"}
+
+
+def summarise(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """{track: {method: {"n", "seconds", metric: {"mean", "std", "values"}}}} in first-seen order."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        entry = out.setdefault(r["track"], {}).setdefault(r["method"], {"n": 0, "seconds": 0.0})
+        entry["n"] += 1
+        entry["seconds"] += r["seconds"]
+        for k, v in r["metrics"].items():
+            entry.setdefault(k, {"values": []})["values"].append(float(v))
+    for methods in out.values():
+        for entry in methods.values():
+            for k, v in entry.items():
+                if isinstance(v, dict):
+                    vals = v["values"]
+                    v["mean"] = statistics.fmean(vals)
+                    v["std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def verdict(summary: dict[str, dict], metric: str, method: str = "jacquant", baseline: str = "ste") -> Optional[dict]:
+    """Δ, spread and the verdict of ``method`` against ``baseline`` on ``metric`` (None if either is absent)."""
+    if method not in summary or baseline not in summary or metric not in summary[method]:
+        return None
+    higher = METRICS[metric][1]
+    a, b = summary[method][metric], summary[baseline][metric]
+    delta = (a["mean"] - b["mean"]) * (1 if higher else -1)
+    spread = max(a["std"], b["std"])
+    word = "beats" if delta > spread else "loses to" if -delta > spread else "is within the seed spread of"
+    return {"method": method, "baseline": baseline, "metric": metric, "delta": delta, "spread": spread,
+            "verdict": word, "n": min(summary[method]["n"], summary[baseline]["n"])}
+
+
+def verdicts(summary: dict[str, dict[str, dict]], method: str = "jacquant") -> list[dict]:
+    """:func:`verdict` of ``method`` against STE and StableQAT for every metric of every track."""
+    out = []
+    for track, methods in summary.items():
+        for metric in METRICS:
+            for base in ("ste", "stableqat"):
+                v = verdict(methods, metric, method, base)
+                if v is not None:
+                    out.append({"track": track, **v})
+    return out
+
+
+def markdown_table(track: str, methods: dict[str, dict]) -> str:
+    """One track's table: a column per metric (mean ± std over n seeds), seconds per run."""
+    metrics = [m for m in METRICS if any(m in e for e in methods.values())]
+    head = "| method | " + " | ".join(METRICS[m][0] + (" ↓" if not METRICS[m][1] else " ↑") for m in metrics) + \
+        " | seeds | s / run |"
+    lines = [f"### {TRACK_TITLES.get(track, track)}", "", head, "|---" * (len(metrics) + 3) + "|"]
+    for name, e in methods.items():
+        cells = []
+        for m in metrics:
+            fmt = METRICS[m][2]
+            cells.append(fmt.format(e[m]["mean"]) + (" ± " + fmt.format(e[m]["std"]) if e["n"] > 1 else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {e['n']} | {e['seconds'] / e['n']:.1f} |")
+    return "\n".join(lines)
+
+
+def verdict_lines(vs: list[dict]) -> list[str]:
+    """Sentences like 'lm, ppl: jacquant beats ste by 0.12 (seed spread 0.05, 3 seeds)'."""
+    return [f"- {v['track']}, {METRICS[v['metric']][0]}: **{v['method']} {v['verdict']} {v['baseline']}** "
+            f"(Δ = {v['delta']:+.4f} in its favour, seed spread {v['spread']:.4f}, {v['n']} seeds)" for v in vs]
+
+
+def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "") -> tuple[str, str]:
+    """Write ``results.json`` (meta, rows, summary, verdicts) and ``results.md``; return their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    summary = summarise(rows)
+    vs = verdicts(summary)
+    json_path = os.path.join(out_dir, "results.json")
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "summary": summary, "verdicts": vs, "rows": rows}, f, indent=1, default=str)
+    md = [f"# jacquant run: W{meta.get('bits')} group {meta.get('group')}", ""]
+    md += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
+    md.append("")
+    for track, methods in summary.items():
+        md += [markdown_table(track, methods), ""]
+    md += ["## Does JacQuant beat STE and StableQAT by more than the seed spread?", ""] + verdict_lines(vs) + [""]
+    md.append(extra_md)
+    md_path = os.path.join(out_dir, "results.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return md_path, json_path
+
+
+def finite(summary: dict) -> bool:
+    """True when every mean and std in a :func:`summarise` result is finite."""
+    return all(math.isfinite(v[s]) for methods in summary.values() for e in methods.values()
+               for v in e.values() if isinstance(v, dict) for s in ("mean", "std"))

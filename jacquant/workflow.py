@@ -1,0 +1,198 @@
+"""``jacquant train | eval | export`` on the user's own Hugging Face causal LM and text files.
+
+The model is a local directory (``save_pretrained`` layout) or a name already in the local Hugging
+Face cache; nothing is downloaded (``local_files_only=True``). Text files are tokenized with the
+model's tokenizer, or byte by byte (UTF-8, ids 0-255) when the directory has none. Split: the last
+10% of the token stream validates, the rest trains.
+
+``train`` writes to its output directory: ``model.safetensors`` (the converted integer model,
+:func:`jacquant.save_converted`), ``jacquant.json`` (settings and perplexities), ``stats.jsonl`` and
+``stats.png`` (diagnostics over the run). ``eval`` and ``export`` read that directory back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import QuantConfig
+from .convert import convert, load_converted, save_converted
+from .plot import plot
+from .qat import RECIPES, quantize_copy, train
+from .refresh import detach
+
+VALID_FRACTION = 0.1
+
+
+@dataclass
+class TrainArgs:
+    """Settings of ``jacquant train`` (see ``jacquant train --help``)."""
+
+    model: str
+    text: list[str]
+    out: str
+    bits: int = 2
+    group: int = 64
+    method: str = "jacquant"
+    steps: Optional[int] = None
+    tokens: Optional[int] = None
+    seq: int = 256
+    batch: int = 8
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    eval_windows: int = 64
+
+
+def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Optional[object]]:
+    """(causal LM in fp32, tokenizer or None) from a local directory or the local HF cache, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+    except OSError as e:
+        raise FileNotFoundError(f"{name!r} is neither a local model directory nor a model in the local Hugging Face "
+                                f"cache (nothing is downloaded): {e}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    return model.to(device), tok
+
+
+def tokenize(paths: list[str], tokenizer, vocab_size: int) -> Tensor:
+    """Token ids of the files' text joined by blank lines: the tokenizer's, or UTF-8 bytes without one."""
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"text file {p!r} does not exist")
+    text = "\n\n".join(open(p, encoding="utf-8", errors="replace").read() for p in paths)
+    if not text.strip():
+        raise ValueError(f"the text files {paths} are empty")
+    if tokenizer is None:
+        if vocab_size < 256:
+            raise ValueError(f"the model has no tokenizer and a vocabulary of {vocab_size} < 256, so bytes cannot be "
+                             "its tokens; save a tokenizer beside the model")
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def split_tokens(ids: Tensor, seq: int) -> tuple[Tensor, Tensor]:
+    """(train, valid): the last 10% of the stream validates; both must hold a window of ``seq + 1``."""
+    cut = int(len(ids) * (1 - VALID_FRACTION))
+    train_ids, valid_ids = ids[:cut], ids[cut:]
+    if len(valid_ids) < seq + 1 or len(train_ids) < seq + 1:
+        raise ValueError(f"{len(ids)} tokens are too few for windows of {seq + 1} tokens with a 10% validation split; "
+                         "pass more text or a smaller --seq")
+    return train_ids, valid_ids
+
+
+def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """Mean next-token cross entropy of a window batch [B, T + 1]."""
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: Tensor, seq: int, windows: int, batch: int = 8) -> float:
+    """exp(mean next-token cross entropy) over ``windows`` windows evenly spaced through ``ids``."""
+    device = next(model.parameters()).device
+    starts = torch.linspace(0, len(ids) - seq - 1, windows).long().tolist()
+    w = torch.stack([ids[s:s + seq + 1] for s in starts]).to(device)
+    was = model.training
+    model.eval()
+    total = sum(float(lm_loss(model, w[i:i + batch])) * len(w[i:i + batch]) for i in range(0, len(w), batch))
+    model.train(was)
+    return math.exp(total / len(w))
+
+
+def _batches(ids: Tensor, batch: int, seq: int, steps: int, seed: int, device: str):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(ids) - seq - 1, (batch,), generator=g)
+        yield torch.stack([ids[j:j + seq + 1] for j in i.tolist()]).to(device)
+
+
+def train_model(a: TrainArgs, log=print) -> dict:
+    """QAT of the user's model on the user's text; writes the output directory; returns the summary."""
+    if a.method not in RECIPES or not RECIPES[a.method].train:
+        raise ValueError(f"--method {a.method!r}: choose a trained method from "
+                         f"{[k for k, r in RECIPES.items() if r.train]}")
+    if a.steps is not None and a.tokens is not None:
+        raise ValueError("give --steps or --tokens, not both")
+    steps = a.steps if a.steps is not None else max(1, a.tokens // (a.batch * a.seq)) if a.tokens else 200
+    if steps < 1:
+        raise ValueError(f"--steps {steps} must be at least 1")
+    torch.manual_seed(a.seed)
+    fp, tok = load_model(a.model, a.device)
+    ids = tokenize(a.text, tok, fp.config.vocab_size)
+    train_ids, valid_ids = split_tokens(ids, a.seq)
+    log(f"{a.model}: {sum(p.numel() for p in fp.parameters()) / 1e6:.1f} M parameters; {len(train_ids):,} training "
+        f"and {len(valid_ids):,} validation tokens ({'bytes' if tok is None else type(tok).__name__})")
+    fp_ppl = perplexity(fp, valid_ids, a.seq, a.eval_windows)
+    recipe = RECIPES[a.method]
+    model = quantize_copy(fp, recipe, QuantConfig(bits=a.bits, group=a.group))
+    del fp
+    rtn_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
+    os.makedirs(a.out, exist_ok=True)
+    stats_path = os.path.join(a.out, "stats.jsonl")
+    if os.path.exists(stats_path):
+        os.remove(stats_path)
+    t0 = time.perf_counter()
+    calib = next(_batches(train_ids, a.batch, a.seq, 1, a.seed + 10_000, a.device))
+    curve = train(model, recipe, _batches(train_ids, a.batch, a.seq, steps, a.seed, a.device), lm_loss, steps, a.lr,
+                  seed=a.seed, warmup=max(1, steps // 20), calib_batch=calib, log_path=stats_path,
+                  log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}")
+    seconds = time.perf_counter() - t0
+    qat_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
+    plot(stats_path, os.path.join(a.out, "stats.png"))
+    detach(model)  # the refresh clock and RNG are training state, not part of the integer model
+    convert(model)
+    save_converted(model.cpu(), os.path.join(a.out, "model.safetensors"))
+    summary = {"model": a.model, "bits": a.bits, "group": a.group, "method": a.method, "steps": steps,
+               "tokens": steps * a.batch * a.seq, "seq": a.seq, "lr": a.lr, "seed": a.seed, "seconds": seconds,
+               "tokenizer": "bytes" if tok is None else "model", "ppl": {"fp32": fp_ppl, "rtn": rtn_ppl, "qat": qat_ppl},
+               "final_loss": curve[-1]}
+    with open(os.path.join(a.out, "jacquant.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def load_trained(model: str, out: str, device: str = "cpu") -> tuple[nn.Module, Optional[object], dict]:
+    """The converted integer model that ``train`` wrote to ``out``, its tokenizer and its summary."""
+    path = os.path.join(out, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; run `jacquant train {model} --out {out} ...` first")
+    with open(os.path.join(out, "jacquant.json")) as f:
+        summary = json.load(f)
+    skeleton, tok = load_model(model, "cpu")
+    return load_converted(skeleton, path).to(device), tok, summary
+
+
+def eval_model(model: str, text: list[str], out: Optional[str] = None, seq: int = 256, windows: int = 64,
+               device: str = "cpu") -> dict:
+    """Validation perplexity of the full-precision model, or of the trained model in ``out``."""
+    if out:
+        m, tok, summary = load_trained(model, out, device)
+    else:
+        (m, tok), summary = load_model(model, device), {}
+    ids = tokenize(text, tok, m.config.vocab_size)
+    _, valid_ids = split_tokens(ids, seq)
+    return {"model": model, "checkpoint": out, "bits": summary.get("bits"), "ppl": perplexity(m, valid_ids, seq, windows)}
+
+
+def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accuracy_level: int = 4) -> dict:
+    """Export the trained model in ``out`` to ONNX (MatMulNBits for ``ort``, DequantizeLinear for ``onnx``)."""
+    from .export import export_onnx
+
+    m, _, summary = load_trained(model, out)
+    example = torch.randint(0, m.config.vocab_size, (2, 16))
+    export_onnx(m, (example,), onnx_path, target=target, accuracy_level=accuracy_level, widen_bits=summary["bits"] == 3)
+    return {"path": onnx_path, "mib": os.path.getsize(onnx_path) / 2**20, "target": target, "bits": summary["bits"]}
