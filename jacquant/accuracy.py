@@ -79,7 +79,8 @@ def run_accuracy(
         settings = replace(settings, steps=encoder_steps or settings.steps, lr=encoder_lr or settings.lr)
         meta["encoder_budget"] = asdict(settings)
         rows += encoder_track.run(recs, list(seeds), bits, group, settings.steps, settings.lr, settings.batch,
-                                  settings.max_len, out_dir, corpus=text)
+                                  settings.max_len, out_dir, corpus=text, n_eval=settings.n_eval,
+                                  hidden_weight=settings.hidden_weight)
     paths = {"loss_curves": plot.loss_curves(rows, os.path.join(out_dir, "loss_curves.png")),
              "flip_rate": plot.flip_rates(rows, os.path.join(out_dir, "flip_rate.png"))}
     if models:

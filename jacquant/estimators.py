@@ -96,7 +96,9 @@ def probe(
     u = 1.0 - torch.rand(w.shape, generator=generator, dtype=torch.float32)  # (0, 1]
     s = scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR).unsqueeze(-1)  # [N, K/G, 1]
     delta = (grouped(u.to(w.device), group) * (delta_max * s)).reshape(w.shape)
-    return probe_from_deltas(w, scale, zero_point, bits, group, delta)
+    from .kernels.estimators import probe_from_deltas as dispatch  # Triton on CUDA; here on CPU
+
+    return dispatch(w, scale, zero_point, bits, group, delta)
 
 
 def probe_mean(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: int, delta_max: float) -> Tensor:

@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import estimators
+from .kernels import estimators as fast
 from .site import sites
 
 ESTIMATORS = ("dither", "probe", "data_probe")
@@ -155,7 +156,7 @@ def refresh(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) ->
         q = s.quantizer
         w = q.as_nk(s.weight.detach())
         if c.estimator == "dither":
-            b_hat = estimators.dither(w, q.scale, q.zero_point, q.bits, q.group, c.width)
+            b_hat = fast.dither(w, q.scale, q.zero_point, q.bits, q.group, c.width)  # Triton on CUDA
         elif c.estimator == "probe":
             b_hat = estimators.probe(w, q.scale, q.zero_point, q.bits, q.group, c.width, generator=gen)
         else:
