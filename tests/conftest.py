@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -24,3 +25,14 @@ def tiny_gpt2():
 
 def mlp():
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+
+
+def numpy_unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Independent MatMulNBits unpacking of [N, blocks, blob] bytes to codes [N, K]: element j of a
+    byte sits in bits [j·b, (j+1)·b)."""
+    n, blocks, blob = packed.shape
+    per = 8 // bits
+    out = np.zeros((n, blocks, blob * per), np.uint8)
+    for j in range(per):
+        out[..., j::per] = (packed >> (j * bits)) & ((1 << bits) - 1)
+    return out.reshape(n, -1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import mlp, tiny_gpt2, tiny_llama
+from conftest import mlp, tiny_gpt2, tiny_llama, numpy_unpack
 
 import jacquant
 from jacquant.convert import PackedWeight, convert, load_converted, packed_sites, read_metadata, save_converted
@@ -16,15 +16,6 @@ def _logits(model, x):
     out = model(x)
     return out if torch.is_tensor(out) else out.logits
 
-
-def _numpy_unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Independent MatMulNBits unpacking: element j of a byte sits in bits [j·b, (j+1)·b)."""
-    n, blocks, blob = packed.shape
-    per = 8 // bits
-    out = np.zeros((n, blocks, blob * per), np.uint8)
-    for j in range(per):
-        out[..., j::per] = (packed >> (j * bits)) & ((1 << bits) - 1)
-    return out.reshape(n, -1)
 
 
 MODELS = {
@@ -50,7 +41,7 @@ def test_converted_outputs_equal_fake_quant_and_codes_match(name, bits):
     found = {s.name: s.packed for s in packed_sites(conv)}
     assert found.keys() == codes.keys()
     for site_name, p in found.items():
-        np.testing.assert_array_equal(_numpy_unpack(p.packed.numpy(), bits), codes[site_name])
+        np.testing.assert_array_equal(numpy_unpack(p.packed.numpy(), bits), codes[site_name])
     assert not any(isinstance(m, jacquant.WeightQuantizer) for m in conv.modules())
 
 

@@ -4,7 +4,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-from conftest import mlp, tiny_gpt2, tiny_llama
+from conftest import mlp, tiny_gpt2, tiny_llama, numpy_unpack
 from onnx import TensorProto, numpy_helper
 
 import jacquant
@@ -34,14 +34,6 @@ def _rel_err(y, ref):
     return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
-def _numpy_unpack_matmulnbits(packed: np.ndarray, bits: int) -> np.ndarray:
-    n, blocks, blob = packed.shape
-    per = 8 // bits
-    out = np.zeros((n, blocks, blob * per), np.uint8)
-    for j in range(per):
-        out[..., j::per] = (packed >> (j * bits)) & ((1 << bits) - 1)
-    return out.reshape(n, -1)
-
 
 def _codes_from_onnx(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Codes [N, K] per layer, read back from the initializers with onnx's own helpers where possible."""
@@ -50,7 +42,7 @@ def _codes_from_onnx(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits":
             bits = next(a.i for a in node.attribute if a.name == "bits")
-            out[node.input[1].removesuffix(".packed")] = _numpy_unpack_matmulnbits(
+            out[node.input[1].removesuffix(".packed")] = numpy_unpack(
                 numpy_helper.to_array(inits[node.input[1]]), bits)
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
             out[node.input[0].removesuffix(".codes")] = numpy_helper.to_array(inits[node.input[0]]).astype(np.uint8).T
