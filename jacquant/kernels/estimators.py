@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import estimators
 from ..quantizer import SCALE_FLOOR, qmax
 from .fake_quant import _blocks, _group_rows
-from .triton_util import check_float, check_triton, launch, round_half_even, row_sum, tl, triton, use_triton
+from .triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
 
 
 # ----------------------------------------------------------------------------- torch references
@@ -58,15 +58,10 @@ def _dither_kernel(
     R, G, lo_off, hi_off, inv_hg,  # lo_off = (h+1)/2, hi_off = (h-1)/2
     QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    s = tl.maximum(tl.load(s_ptr + rows, mask=row_ok, other=1.0).to(tl.float32), FLOOR)[:, None]
-    z = tl.load(z_ptr + rows, mask=row_ok, other=0).to(tl.float32)[:, None]
+    rows, row_ok, s, z = group_rows(s_ptr, z_ptr, R, FLOOR, BLOCK_R)
     acc = tl.full([BLOCK_R], 0.0, tl.float32)
     for g0 in range(0, G, BLOCK_G):
-        cols = g0 + tl.arange(0, BLOCK_G)
-        ok = row_ok[:, None] & (cols < G)[None, :]
-        offs = rows.to(tl.int64)[:, None] * G + cols[None, :]
+        ok, offs = group_tile(rows, row_ok, g0, G, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         v = tl.div_rn(w, s) + z
         lo = tl.maximum(tl.floor(v - lo_off) + 1.0, 0.0)
@@ -89,15 +84,10 @@ def _probe_kernel(
     R, G, inv_g,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    s = tl.maximum(tl.load(s_ptr + rows, mask=row_ok, other=1.0).to(tl.float32), FLOOR)[:, None]
-    z = tl.load(z_ptr + rows, mask=row_ok, other=0).to(tl.float32)[:, None]
+    rows, row_ok, s, z = group_rows(s_ptr, z_ptr, R, FLOOR, BLOCK_R)
     acc = tl.full([BLOCK_R], 0.0, tl.float32)
     for g0 in range(0, G, BLOCK_G):
-        cols = g0 + tl.arange(0, BLOCK_G)
-        ok = row_ok[:, None] & (cols < G)[None, :]
-        offs = rows.to(tl.int64)[:, None] * G + cols[None, :]
+        ok, offs = group_tile(rows, row_ok, g0, G, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         d = tl.load(d_ptr + offs, mask=ok, other=1.0).to(tl.float32)
         slope = tl.div_rn(_fq(w + d, s, z, QMAX) - _fq(w - d, s, z, QMAX), 2.0 * d)

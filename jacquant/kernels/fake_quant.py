@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import quantizer, surrogates
 from ..quantizer import SCALE_FLOOR, group_size, qmax
-from .triton_util import check_float, check_triton, launch, round_half_even, row_sum, tl, triton, use_triton
+from .triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
 
 RULE_IDS = {"ste": 0, "jacquant": 1, "stableqat": 2}
 
@@ -68,14 +68,9 @@ def _fake_quant_fwd_kernel(
     QMAX: tl.constexpr, FLOOR: tl.constexpr, STORE_CODES: tl.constexpr, STORE_MASK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    s = tl.maximum(tl.load(s_ptr + rows, mask=row_ok, other=1.0).to(tl.float32), FLOOR)[:, None]
-    z = tl.load(z_ptr + rows, mask=row_ok, other=0).to(tl.float32)[:, None]
+    rows, row_ok, s, z = group_rows(s_ptr, z_ptr, R, FLOOR, BLOCK_R)
     for g0 in range(0, G, BLOCK_G):
-        cols = g0 + tl.arange(0, BLOCK_G)
-        ok = row_ok[:, None] & (cols < G)[None, :]
-        offs = rows.to(tl.int64)[:, None] * G + cols[None, :]
+        ok, offs = group_tile(rows, row_ok, g0, G, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         v = tl.div_rn(w, s) + z
         c = tl.minimum(tl.maximum(round_half_even(v), 0.0), QMAX)
@@ -135,18 +130,13 @@ def _fake_quant_bwd_kernel(
     QMAX: tl.constexpr, FLOOR: tl.constexpr, RULE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    s = tl.maximum(tl.load(s_ptr + rows, mask=row_ok, other=1.0).to(tl.float32), FLOOR)[:, None]
-    z = tl.load(z_ptr + rows, mask=row_ok, other=0).to(tl.float32)[:, None]
+    rows, row_ok, s, z = group_rows(s_ptr, z_ptr, R, FLOOR, BLOCK_R)
     gq_ty = gq_ptr.dtype.element_ty
     if RULE == 1:  # B_g, rounded to grad_q's dtype as the reference multiplies in it
         b = tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gq_ty).to(tl.float32)[:, None]
     acc = tl.full([BLOCK_R], 0.0, tl.float32)
     for g0 in range(0, G, BLOCK_G):
-        cols = g0 + tl.arange(0, BLOCK_G)
-        ok = row_ok[:, None] & (cols < G)[None, :]
-        offs = rows.to(tl.int64)[:, None] * G + cols[None, :]
+        ok, offs = group_tile(rows, row_ok, g0, G, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         gq = tl.load(gq_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         u = tl.div_rn(w, s)  # w/s

@@ -76,6 +76,26 @@ def round_half_even(v):
     return tl.where(up, f + 1.0, f)
 
 
+@triton.jit
+def group_rows(s_ptr, z_ptr, R, FLOOR: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's tile of group rows: (rows, row_ok, s, z), with the scale floored at FLOOR and
+    s, z as fp32 [BLOCK_R, 1] columns that broadcast over the group."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    s = tl.maximum(tl.load(s_ptr + rows, mask=row_ok, other=1.0).to(tl.float32), FLOOR)[:, None]
+    z = tl.load(z_ptr + rows, mask=row_ok, other=0).to(tl.float32)[:, None]
+    return rows, row_ok, s, z
+
+
+@triton.jit
+def group_tile(rows, row_ok, g0, G, BLOCK_G: tl.constexpr):
+    """(in-bounds mask, flat int64 offsets) of the [BLOCK_R, BLOCK_G] tile at column g0 of [R, G]."""
+    cols = g0 + tl.arange(0, BLOCK_G)
+    ok = row_ok[:, None] & (cols < G)[None, :]
+    offs = rows.to(tl.int64)[:, None] * G + cols[None, :]
+    return ok, offs
+
+
 # triton's own sum combine: the interpreter reduces with it by np.sum, any other combine element by element
 _sum_combine = tl.standard._sum_combine if HAS_TRITON else None
 
