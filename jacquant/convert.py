@@ -19,6 +19,7 @@ shape and storage width; :func:`load_converted` refuses a file whose metadata do
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 from .kernels.packed_matmul import packed_linear as _packed_linear_kernel
 from .packing import pack_codes, unpack_codes
 from .passes.rewrite import install_forward, installed_graph, quantizer_attr
-from .quantizer import SCALE_FLOOR, dequantize
+from .quantizer import SCALE_FLOOR, dequantize, qmax
 from .site import WeightQuantizer, sites
 
 FORMAT = "jacquant.converted"
@@ -222,19 +223,100 @@ def save_converted(model: nn.Module, path: str) -> None:
     save_model(model, path, metadata=_metadata(model))
 
 
-def read_metadata(path: str) -> dict:
-    """The jacquant metadata of a converted checkpoint, with ``layers`` decoded; refuses other files."""
-    from safetensors import safe_open
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+
+def check_safetensors_layout(path: str) -> dict[str, dict]:
+    """Read a safetensors header and check every tensor's bytes against its dtype and shape.
+
+    The file is ``[u64 little-endian n][n bytes of JSON header][data]``; each header entry
+    ``{"dtype", "shape", "data_offsets": [b, e]}`` must have a known dtype, non-negative integer
+    dims, ``e - b = prod(shape) · itemsize``, and the entries must tile the data exactly (no gap, no
+    overlap, nothing past the end of the file). Returns the entries (``__metadata__`` excluded);
+    raises ValueError naming the first tensor that breaks a rule (a truncated or edited file).
+    """
+    import os
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path}: not a safetensors file: header length {n} does not fit the file's {size} bytes "
+                             "(truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    spans = []
+    for key, entry in header.items():
+        dtype, shape, offsets = (entry.get(k) if isinstance(entry, dict) else None
+                                 for k in ("dtype", "shape", "data_offsets"))
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"{path}: tensor `{key}` has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: tensor `{key}` has invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"{path}: tensor `{key}` has invalid data_offsets {offsets!r}")
+        need = math.prod(shape) * _DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != need:
+            raise ValueError(f"{path}: tensor `{key}` is {dtype} {shape} ({need} bytes) but its data_offsets "
+                             f"{offsets} hold {offsets[1] - offsets[0]} bytes")
+        if offsets[1] > data:
+            raise ValueError(f"{path}: tensor `{key}` ends at byte {offsets[1]} of the data but the file holds "
+                             f"{data} (truncated)")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for b, e, key in sorted(spans):
+        if b != end:
+            raise ValueError(f"{path}: tensor `{key}` starts at byte {b} of the data, expected {end} (gap or overlap)")
+        end = e
+    if end != data:
+        raise ValueError(f"{path}: the tensors cover {end} bytes of data but the file holds {data}")
+    return header
+
+
+LAYER_FIELDS = {"name": str, "bits": int, "group": int, "storage_bits": int, "out_features": int,
+                "in_features": int, "weight_attr": str, "transposed": bool}
+
+
+def read_metadata(path: str) -> dict:
+    """The jacquant metadata of a converted checkpoint, with ``layers`` decoded; refuses other files.
+
+    The file's layout is checked first (:func:`check_safetensors_layout`), and every layer entry must
+    carry the fields of :meth:`PackedWeight.layer_info` with their types.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    check_safetensors_layout(path)
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: safetensors refuses the file ({e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a jacquant converted checkpoint (metadata format={meta.get('format')!r}); "
                          "write one with jacquant.save_converted")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has jacquant format version {meta.get('format_version')!r}; this jacquant reads "
                          f"version {FORMAT_VERSION}")
-    return {**meta, "layers": json.loads(meta["layers"])}
+    try:
+        layers = json.loads(meta["layers"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: metadata `layers` is missing or not JSON ({e})") from None
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: metadata `layers` is not a JSON object")
+    for p, info in layers.items():
+        bad = sorted(k for k, t in LAYER_FIELDS.items() if not isinstance(info, dict) or type(info.get(k)) is not t)
+        if bad:
+            raise ValueError(f"{path}: metadata of layer `{p}` has missing or mistyped fields {bad}")
+    return {**meta, "layers": layers}
 
 
 def load_converted(model: nn.Module, path: str) -> nn.Module:
@@ -244,7 +326,10 @@ def load_converted(model: nn.Module, path: str) -> nn.Module:
     transformed with the checkpoint's bits and group, restricted to the checkpoint's layers, then
     converted), a transformed model (converted), or a converted model. Every packed layer's name,
     bits, group and shape must match the checkpoint's metadata, and every tensor's shape and dtype
-    the model's state; anything else raises ValueError naming the layer.
+    the model's state; the file's layout is checked before anything is read
+    (:func:`check_safetensors_layout`: a truncated or edited file), and the packed layers' values
+    before anything is loaded (:func:`check_packed_tensors`). Anything else raises ValueError naming
+    the layer or tensor.
     """
     from safetensors import safe_open
     from safetensors.torch import load_model
@@ -265,7 +350,8 @@ def load_converted(model: nn.Module, path: str) -> nn.Module:
             raise ValueError(f"{path}: layer `{info['name']}` does not match the model (checkpoint, model): {diff}")
     state = model.state_dict()
     with safe_open(path, "pt") as f:
-        for key in f.keys():
+        keys = set(f.keys())
+        for key in keys:
             sl = f.get_slice(key)
             if key not in state:
                 continue  # a tied duplicate or an unexpected key: load_model(strict=True) decides below
@@ -273,11 +359,36 @@ def load_converted(model: nn.Module, path: str) -> nn.Module:
             if list(sl.get_shape()) != list(state[key].shape) or dtype != state[key].dtype:
                 raise ValueError(f"{path}: tensor `{key}` is {dtype} {list(sl.get_shape())} in the checkpoint but "
                                  f"{state[key].dtype} {list(state[key].shape)} in the model")
+        for s in packed_sites(model):  # values, before anything is written into the model
+            prefix = f"{s.path}." if s.path else ""
+            names = [prefix + t for t in ("packed", "scale", "zero_point")]
+            if all(n in keys for n in names):
+                check_packed_tensors(s.name, s.packed.bits, s.packed.group, *(f.get_tensor(n) for n in names),
+                                     names=names, path=path)
     missing, unexpected = load_model(model, path, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: state does not match the model; missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
     return model
+
+
+def check_packed_tensors(name: str, bits: int, group: int, packed: Tensor, scale: Tensor, zero_point: Tensor, *,
+                         names: tuple[str, ...] | list[str] = ("packed", "scale", "zero_point"),
+                         path: str = "checkpoint") -> None:
+    """Refuse values :func:`save_converted` never writes for a ``bits``-bit layer: a scale that is not
+    finite or is below SCALE_FLOOR, a zero point above 2^b - 1, or (codes in a wider container, 3 bits)
+    a code above 2^b - 1. ``names`` are the three tensors' keys, used in the error."""
+    top = qmax(bits)
+    if not bool((torch.isfinite(scale) & (scale >= SCALE_FLOOR)).all()):
+        raise ValueError(f"{path}: tensor `{names[1]}` of layer `{name}` has non-finite values or values below "
+                         f"SCALE_FLOOR={SCALE_FLOOR}")
+    if zero_point.numel() and int(zero_point.max()) > top:
+        raise ValueError(f"{path}: tensor `{names[2]}` of layer `{name}` has values above {top}, the largest "
+                         f"{bits}-bit code")
+    width = storage_bits(bits)
+    if width != bits and packed.numel() and int(unpack_codes(packed, width, group).max()) > top:
+        raise ValueError(f"{path}: tensor `{names[0]}` of layer `{name}` holds codes above {top}, the largest "
+                         f"{bits}-bit code")
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

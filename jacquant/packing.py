@@ -22,11 +22,17 @@ def _check(bits: int) -> int:
 
 
 def pack_rows(values: Tensor, bits: int) -> Tensor:
-    """Pack the last axis of a uint8 tensor [..., L] into bytes [..., ceil(L·b/8)], low bits first."""
+    """Pack the last axis of a uint8 tensor [..., L] into bytes [..., ceil(L·b/8)], low bits first.
+
+    Values must lie in [0, 2^b - 1] (a larger one would spill into its neighbours' bits): ValueError.
+    """
     per = _check(bits)
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
+        raise ValueError(f"values in [{int(values.min())}, {int(values.max())}] do not fit {bits} bits "
+                         f"([0, {(1 << bits) - 1}]); packing them would corrupt their neighbours")
     *lead, length = values.shape
     pad = (-length) % per
-    v = torch.nn.functional.pad(values.to(torch.uint8), (0, pad)).reshape(*lead, -1, per).to(torch.int32)
+    v = torch.nn.functional.pad(values.to(torch.uint8), (0, pad)).reshape(*lead, (length + pad) // per, per).to(torch.int32)
     shifts = torch.arange(per, device=values.device, dtype=torch.int32) * bits
     return (v << shifts).sum(-1).to(torch.uint8)
 
@@ -36,7 +42,7 @@ def unpack_rows(packed: Tensor, bits: int, length: int) -> Tensor:
     per = _check(bits)
     shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
     v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return v.reshape(*packed.shape[:-1], -1)[..., :length].to(torch.uint8)
+    return v.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :length].to(torch.uint8)  # sizes explicit: 0-size dims
 
 
 def pack_codes(codes: Tensor, bits: int, group: int) -> Tensor:

@@ -9,7 +9,8 @@ weights (W = s·(c - z)):
             attrs K, N, bits, block_size = G, accuracy_level; zp_packed [N, ceil(K/G·c/8)] uint8,
             omitted where every z = 2^(c-1) (MatMulNBits' default grid).
   ``onnx``: y = MatMul(x, DequantizeLinear(Wq, s^T, z^T, axis=0, block_size=G)) (+ bias) with
-            Wq [K, N] as UINT2 (opset 25) or UINT4 (opset 21), s^T [K/G, N], z^T [K/G, N] of Wq's type.
+            Wq [K, N] as UINT2 (opset 25) or UINT4 (opset 21), s^T [K/G, N], z^T [K/G, N] of Wq's type;
+            2-bit codes of a layer with N % 4 != 0 as UINT4 (onnxruntime mis-fuses those in UINT2).
 
 Functions here take and return ``onnx.ModelProto``; nothing else is changed.
 """
@@ -144,11 +145,14 @@ def to_dequantize_linear(model: onnx.ModelProto) -> onnx.ModelProto:
         packed, scale, zp = _weights(node, inits)
         codes = unpack_codes(torch.from_numpy(packed.copy()), bits, group)  # [N, K] uint8
         n, k = codes.shape
-        qtype = ONNX_INT_TYPES[bits]
-        opset = max(opset, 25 if bits == 2 else 21)
+        # onnxruntime (1.32) fuses DQ(UINT2) + MatMul into MatMulNBits wrongly when N % 4 != 0 (the spec's
+        # reference evaluator and its unfused kernels agree with us): such layers go out exactly as UINT4
+        width = 4 if bits == 2 and n % 4 else bits
+        qtype = ONNX_INT_TYPES[width]
+        opset = max(opset, 25 if width == 2 else 21)
         prefix = _prefix(node)
-        wq = _int_tensor(codes.t().contiguous(), bits, qtype, prefix + ".codes")  # [K, N]
-        zq = _int_tensor(torch.from_numpy(zp.copy()).t().contiguous(), bits, qtype, prefix + ".zero_points")  # [K/G, N]
+        wq = _int_tensor(codes.t().contiguous(), width, qtype, prefix + ".codes")  # [K, N]
+        zq = _int_tensor(torch.from_numpy(zp.copy()).t().contiguous(), width, qtype, prefix + ".zero_points")  # [K/G, N]
         sc = numpy_helper.from_array(
             np.ascontiguousarray(_scale_array(scale, _activation_type(model, node), node).T), prefix + ".scales")
         w_name, y_name = prefix + ".dequantized", node.output[0]

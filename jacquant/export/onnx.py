@@ -32,6 +32,7 @@ from onnx.defs import OpSchema
 from ..convert import PackedWeight, convert, packed_sites
 from ..site import WeightQuantizer
 from .lower import packed_nodes, to_dequantize_linear, to_matmulnbits
+from .validate import check_onnx
 
 TARGETS = ("ort", "onnx")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -119,7 +120,8 @@ def export_onnx(
     of integer inputs and all but the last of float inputs is dynamic (batch, sequence).
     ``target``: ``"ort"`` (MatMulNBits, ``accuracy_level`` 0-4) or ``"onnx"`` (standard ops; the
     level is not used). ``opset_version`` defaults to 21, or 25 where the onnx target has 2-bit
-    weights. The result passes ``onnx.checker`` and carries the lowest IR version its opset needs.
+    weights. The result passes ``onnx.checker`` and :func:`jacquant.export.load_onnx`'s checks, and carries
+    the lowest IR version its opset needs.
     """
     if target not in TARGETS:
         raise ValueError(f"export_onnx: target={target!r} is not one of {TARGETS}")
@@ -154,7 +156,7 @@ def export_onnx(
     if proto.ByteSize() > MAX_PROTO_BYTES:
         raise ValueError(f"export_onnx: the model is {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB; "
                          "external-data export is not supported yet")
-    onnx.checker.check_model(proto)
+    check_onnx(proto, "export_onnx")  # what load_onnx will demand of the file, and onnx.checker
     if path is not None:
         onnx.save(proto, path)
     return proto
