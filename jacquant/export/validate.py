@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-SUB_BYTE_BITS = {TensorProto.UINT2: 2, TensorProto.INT2: 2, TensorProto.UINT4: 4, TensorProto.INT4: 4,
-                 TensorProto.FLOAT4E2M1: 4}
+SUB_BYTE_BITS = {getattr(TensorProto, name): bits for name, bits in  # the types this onnx version knows
+                 (("UINT2", 2), ("INT2", 2), ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4)) if hasattr(TensorProto, name)}
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
