@@ -12,8 +12,9 @@ Targets and what each runtime computes (W = s·(c - z) exactly; only activations
             power-of-two block_size >= 16. ``accuracy_level`` 0 keeps activations in fp32 (matches
             PyTorch to ~1e-5 relative); 4 quantizes them to int8 per block (fastest, ~1% relative).
   ``onnx``  standard ops only: blocked DequantizeLinear (opset 21 UINT4, opset 25 UINT2) + MatMul.
-            onnxruntime fuses DQ(UINT4) + MatMul into MatMulNBits with its session option
-            ``session.qdq_matmulnbits_accuracy_level`` (default 4); UINT2 runs unfused.
+            onnxruntime fuses DQ + MatMul into MatMulNBits with its session option
+            ``session.qdq_matmulnbits_accuracy_level`` (default 4); 1.32 fuses UINT2 too, wrongly
+            where N % 4 != 0, so those layers are written as UINT4 (exact, see ``lower``).
 
 3-bit codes have no ONNX type and no MatMulNBits CPU kernel: they are refused unless
 ``widen_bits=True``, which exports them exactly in a 4-bit container (4 bits per weight).
