@@ -141,6 +141,7 @@ def packed_attr(weight_path: str) -> str:
 def convert(model: nn.Module) -> nn.Module:
     """Replace every quantized site of a transformed model by its packed integer form, in place.
 
+    The refresh state (``jacquant_step``, ``jacquant_rng``, the config) is removed too.
     For each owner the installed forward graph (see :mod:`jacquant.passes.rewrite`) is copied with
     ``<w>_quantizer(x, W, b)`` replaced by ``<w>_packed(x, b)``; the quantizer is removed and the fp
     weight dropped (``owner.<w>`` becomes None) where nothing else uses it. Outputs equal the
@@ -159,6 +160,9 @@ def convert(model: nn.Module) -> nn.Module:
         by_owner.setdefault(id(s.owner), []).append(s)
     for owner_sites in by_owner.values():
         _convert_owner(model, owner_sites)
+    from .refresh import detach
+
+    detach(model)  # the refresh clock and RNG are training state: an integer model no longer trains
     return model
 
 

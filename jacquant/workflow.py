@@ -27,7 +27,6 @@ from .config import QuantConfig
 from .convert import convert, load_converted, save_converted
 from .plot import plot
 from .qat import RECIPES, quantize_copy, train
-from .refresh import detach
 
 VALID_FRACTION = 0.1
 
@@ -153,8 +152,7 @@ def train_model(a: TrainArgs, log=print) -> dict:
     seconds = time.perf_counter() - t0
     qat_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
     plot(stats_path, os.path.join(a.out, "stats.png"))
-    detach(model)  # the refresh clock and RNG are training state, not part of the integer model
-    convert(model)
+    convert(model)  # also drops the refresh clock and RNG: training state, not part of the integer model
     save_converted(model.cpu(), os.path.join(a.out, "model.safetensors"))
     summary = {"model": a.model, "bits": a.bits, "group": a.group, "method": a.method, "steps": steps,
                "tokens": steps * a.batch * a.seq, "seq": a.seq, "lr": a.lr, "seed": a.seed, "seconds": seconds,

@@ -117,3 +117,20 @@ def test_hf_callback_steps_the_model():
     for _ in range(3):
         cb.on_step_end(None, None, None, model=model)
     assert int(model.jacquant_step) == 3 and model.jacquant_refresh_config.refresh_every == 2
+
+
+def test_convert_drops_the_refresh_state_so_the_integer_model_loads_into_a_fresh_skeleton(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    model = jacquant.transform(copy.deepcopy(fp), bits=2, group=32)
+    jacquant.step(model)  # attaches the refresh state (buffers on the root) and refreshes B
+    assert "jacquant_step" in dict(model.named_buffers())
+    jacquant.convert(model)
+    assert not any(n.startswith("jacquant_") for n, _ in model.named_buffers())
+    assert not hasattr(model, "jacquant_refresh_config")
+    jacquant.save_converted(model, str(tmp_path / "m.safetensors"))
+    loaded = jacquant.load_converted(copy.deepcopy(fp), str(tmp_path / "m.safetensors"))
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded(x), model(x))
