@@ -72,11 +72,12 @@ def _backward(ctx, grad_y):
     n, k = weight.shape
     grad_x = grad_w = grad_s = grad_b = None
     if ctx.needs_input_grad[0]:
-        q = torch.ops.jacquant.fake_quant(weight, scale, zero_point, bits, group).to(grad_y.dtype)
-        grad_x = grad_y @ q  # [..., K]
+        # Q(W) lives only for this product (one weight-sized temporary, freed before dL/dW)
+        grad_x = grad_y @ torch.ops.jacquant.fake_quant(weight, scale, zero_point, bits, group).to(grad_y.dtype)
     gy = grad_y.reshape(-1, n)  # [M, N]
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        grad_q = (gy.t() @ x.reshape(-1, k)).to(weight.dtype)  # [N, K]
+        # under autocast x may be fp32 (after a LayerNorm) while dL/dy is bf16: multiply in dL/dy's dtype
+        grad_q = (gy.t() @ x.reshape(-1, k).to(gy.dtype)).to(weight.dtype)  # [N, K]
         grad_w, grad_s = torch.ops.jacquant.fake_quant_backward(
             grad_q, weight, scale, zero_point, jac, bits, group, rule, amplitude)
         grad_w = grad_w if ctx.needs_input_grad[1] else None

@@ -21,8 +21,6 @@ DTYPES = [torch.bfloat16, torch.float16]
 # LayerNorm or an embedding): "expected m1 and m2 to have the same dtype". The fix, in _backward:
 #     grad_q = (gy.t() @ x.reshape(-1, k).to(gy.dtype)).to(weight.dtype)
 # Strict: once fixed these tests pass and the marker must go.
-BACKWARD_DTYPE_BUG = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                       reason="ops._backward mixes grad_y's and x's dtypes under autocast")
 
 
 def _model(bits=2):
@@ -79,7 +77,6 @@ def test_autocast_forward_codes_equal_fp32_codes(dtype, bits):
     assert flips > 0  # quantizing the rounded weight would give other codes: the check can fail
 
 
-@BACKWARD_DTYPE_BUG
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autocast_training_keeps_fp32_master_weights_and_fp32_codes(dtype):
     model = _model()
@@ -102,7 +99,6 @@ def test_autocast_training_keeps_fp32_master_weights_and_fp32_codes(dtype):
             assert torch.equal(_forward_codes(q, w, dtype), q.codes(w))
 
 
-@BACKWARD_DTYPE_BUG
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_autocast_gradients_are_close_to_fp32(dtype):
     """The weight and scale gradients under autocast are fp32's up to the activations' rounding."""
