@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Optional
 
@@ -135,7 +136,7 @@ def train(
     Each step: ``loss_fn(model, batch).backward()``, optimizer step, cosine lr, and for JacQuant
     ``jacquant.step(model)`` (B refreshed at step 0 and every K steps; the data-driven Probe measures
     ``loss_fn(model, calib_batch)``). Returns the training-loss curve. With ``log_path``, per-site
-    diagnostics (:func:`jacquant.stats`) are appended to that JSONL file every ``log_every`` steps.
+    diagnostics (:func:`jacquant.stats`) are written to that JSONL file (replaced) every ``log_every`` steps.
     """
     if recipe.is_jacquant:
         attach(model, recipe.refresh_config(seed))
@@ -146,6 +147,8 @@ def train(
         if calib_batch is None:
             raise ValueError(f"recipe {recipe.name!r} (data-driven Probe) needs a calib_batch")
         probe_loss = lambda: loss_fn(model, calib_batch)  # noqa: E731
+    if log_path and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh log per run: StatsLogger appends
     logger = StatsLogger(log_path) if log_path else None
     curve: list[float] = []
     model.train()
