@@ -75,6 +75,9 @@ def run_accuracy(
     if "encoder" in tracks:
         from . import encoder_track
 
+        if device != "cpu":
+            log(f"note: the encoder track runs on the CPU (--device {device} applies to the LM track only)")
+
         settings = encoder_track.QUICK if quick else encoder_track.DEFAULTS
         settings = replace(settings, steps=encoder_steps or settings.steps, lr=encoder_lr or settings.lr)
         meta["encoder_budget"] = asdict(settings)
