@@ -94,19 +94,17 @@ def test_truncated_checkpoint(ckpt, keep):
         jacquant.load_converted(_skeleton(), path)
 
 
-def test_dtype_flipped_in_the_header_same_size(ckpt):
+@pytest.mark.parametrize("key,dtype,expected", [
+    ("0.weight_packed.zero_point", "I8",  # same element size: caught against the model's dtype
+     r"tensor `0\.weight_packed\.zero_point` is torch\.int8 \[128, 4\] in the checkpoint but torch\.uint8"),
+    ("2.weight_packed.scale", "F16",  # other size: caught against the header's own offsets
+     r"tensor `2\.weight_packed\.scale` is F16 \[32, 8\] \(512 bytes\) but its data_offsets \[2688, 3712\] hold "
+     r"1024 bytes"),
+])
+def test_dtype_flipped_in_the_header(ckpt, key, dtype, expected):
     path, _, _ = ckpt
-    _rewrite(path, lambda h: h["0.weight_packed.zero_point"].update(dtype="I8"))
-    with pytest.raises(ValueError, match=r"tensor `0\.weight_packed\.zero_point` is torch\.int8 \[128, 4\] in the "
-                                         r"checkpoint but torch\.uint8"):
-        jacquant.load_converted(_skeleton(), path)
-
-
-def test_dtype_flipped_in_the_header_other_size(ckpt):
-    path, _, _ = ckpt
-    _rewrite(path, lambda h: h["2.weight_packed.scale"].update(dtype="F16"))
-    with pytest.raises(ValueError, match=r"tensor `2\.weight_packed\.scale` is F16 \[32, 8\] \(512 bytes\) but its "
-                                         r"data_offsets \[2688, 3712\] hold 1024 bytes"):
+    _rewrite(path, lambda h: h[key].update(dtype=dtype))
+    with pytest.raises(ValueError, match=expected):
         jacquant.load_converted(_skeleton(), path)
 
 
@@ -313,15 +311,6 @@ ORT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ORT_CASES))
-def test_tampered_matmulnbits_model(onnx_models, case, tmp_path):
-    edit, expected = ORT_CASES[case]
-    path = tmp_path / "m.onnx"
-    path.write_bytes(_tamper(onnx_models[0]["ort"], edit))
-    with pytest.raises(ValueError, match=expected):
-        load_onnx(path)
-
-
 def _dq(proto):
     return _node(proto, "DequantizeLinear")
 
@@ -343,11 +332,12 @@ DQ_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(DQ_CASES))
-def test_tampered_dequantize_linear_model(onnx_models, case, tmp_path):
-    edit, expected = DQ_CASES[case]
+@pytest.mark.parametrize("target,case", [("ort", c) for c in ORT_CASES] + [("onnx", c) for c in DQ_CASES])
+def test_tampered_model_is_refused(onnx_models, target, case, tmp_path):
+    """MatMulNBits (ort) and blocked DequantizeLinear (onnx) files, each edited one way."""
+    edit, expected = (ORT_CASES if target == "ort" else DQ_CASES)[case]
     path = tmp_path / "m.onnx"
-    path.write_bytes(_tamper(onnx_models[0]["onnx"], edit))
+    path.write_bytes(_tamper(onnx_models[0][target], edit))
     with pytest.raises(ValueError, match=expected):
         load_onnx(path)
 
