@@ -28,6 +28,12 @@ def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--group", type=int, default=64, help="weights per scale along in_features; -1 = per channel (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _threads(p)
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; use 1 when other jobs share the cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="a `jacquant train` output directory (default: the fp model)")
     ev.add_argument("--seq", type=int, default=256)
     ev.add_argument("--device", default="cpu")
+    _threads(ev)
 
     ex = sub.add_parser("export", help="the trained model as an integer-weight ONNX graph")
     ex.add_argument("model")
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise SystemExit(f"jacquant: --threads {args.threads} must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "run":
         from .accuracy import run_accuracy
 

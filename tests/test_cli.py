@@ -94,3 +94,17 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         main(["eval", str(tmp_path / "no-such-model"), "--text", "x.txt"])
     with pytest.raises(ValueError, match="unknown method"):
         main(["run", "--quick", "--methods", "ste,magic", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="--threads 0 must be at least 1"):
+        main(["eval", model, "--text", "x.txt", "--threads", "0"])
+
+
+def test_threads_flag_sets_torch_threads(tmp_path, capsys):
+    model = _tiny_model_dir(tmp_path / "tiny")
+    text = tmp_path / "a.txt"
+    text.write_text("Some text to evaluate the model on. " * 200)
+    before = torch.get_num_threads()
+    try:
+        assert main(["eval", model, "--text", str(text), "--seq", "16", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
