@@ -53,17 +53,7 @@ def weight_grad(
     equals "ste" bit for bit: the only extra operation is a multiplication by 1.0, which is exact.
     """
     v = scaled(w, scale, zero_point, group)  # [N, K/G, G]
-    m = (v >= 0) & (v <= qmax(bits))
-    gq = grouped(grad_q, group)
-    if rule == "ste":
-        g = gq * m
-    elif rule == "jacquant":
-        g = gq * m * jac.to(gq.dtype).unsqueeze(-1)
-    elif rule == "stableqat":
-        g = gq * m * stableqat_factor(w, scale, amplitude, group).reshape(gq.shape).to(gq.dtype)
-    else:
-        raise ValueError(f"unknown backward rule {rule!r}; use one of {RULES}")
-    return g.reshape(w.shape).to(w.dtype)
+    return _weight_grad(grouped(grad_q, group), v, _mask(v, bits), w, scale, jac, group, rule, amplitude)
 
 
 def lsq_scale_grad(
@@ -77,10 +67,43 @@ def lsq_scale_grad(
     γ is LSQ's gradient scale 1/sqrt(numel · Q_p), with numel the G weights that share the scale.
     """
     v = scaled(w, scale, zero_point, group)
+    return _lsq_scale_grad(grouped(grad_q, group), v, _mask(v, bits), scale, zero_point, bits)
+
+
+def backward(
+    grad_q: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor,
+    bits: int, group: int, rule: str, amplitude: float,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`weight_grad`, :func:`lsq_scale_grad`) from one v = w/s + z and one mask m: the
+    quantized op's backward, which needs both."""
+    v = scaled(w, scale, zero_point, group)
+    m = _mask(v, bits)
+    gq = grouped(grad_q, group)
+    return (_weight_grad(gq, v, m, w, scale, jac, group, rule, amplitude),
+            _lsq_scale_grad(gq, v, m, scale, zero_point, bits))
+
+
+def _mask(v: Tensor, bits: int) -> Tensor:
+    """m = 1[0 <= v <= 2^b - 1], the clipped-STE mask."""
+    return (v >= 0) & (v <= qmax(bits))
+
+
+def _weight_grad(gq: Tensor, v: Tensor, m: Tensor, w: Tensor, scale: Tensor, jac: Tensor, group: int,
+                 rule: str, amplitude: float) -> Tensor:
+    if rule == "ste":
+        g = gq * m
+    elif rule == "jacquant":
+        g = gq * m * jac.to(gq.dtype).unsqueeze(-1)
+    elif rule == "stableqat":
+        g = gq * m * stableqat_factor(w, scale, amplitude, group).reshape(gq.shape).to(gq.dtype)
+    else:
+        raise ValueError(f"unknown backward rule {rule!r}; use one of {RULES}")
+    return g.reshape(w.shape).to(w.dtype)
+
+
+def _lsq_scale_grad(gq: Tensor, v: Tensor, m: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     c = v.round().clamp(0, qmax(bits))
     z = zero_point.to(v.dtype).unsqueeze(-1)
-    m = (v >= 0) & (v <= qmax(bits))
     dq_ds = (c - z) - torch.where(m, v - z, torch.zeros_like(v))  # v - z = w/s
-    G = v.shape[-1]
-    gamma = 1.0 / math.sqrt(G * qmax(bits))
-    return (grouped(grad_q, group).to(v.dtype) * dq_ds).sum(-1).mul(gamma).to(scale.dtype)
+    gamma = 1.0 / math.sqrt(v.shape[-1] * qmax(bits))
+    return (gq.to(v.dtype) * dq_ds).sum(-1).mul(gamma).to(scale.dtype)

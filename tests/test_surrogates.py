@@ -83,3 +83,15 @@ def test_unknown_rule_is_refused():
     s, z = init_mse(w, 2, 32)
     with pytest.raises(ValueError, match="unknown backward rule"):
         weight_grad(w, w, s, z, torch.ones_like(s), 2, 32, "sgd", 0.0)
+
+
+@pytest.mark.parametrize("rule", ["ste", "jacquant", "stableqat"])
+def test_backward_equals_the_two_gradients_computed_apart(rule):
+    from jacquant.surrogates import backward
+
+    w = torch.randn(8, 128)
+    s, z = init_mse(w, 2, 64)
+    gq, B = torch.randn(8, 128), torch.rand(8, 2) + 0.5
+    gw, gs = backward(gq, w, s, z, B, 2, 64, rule, 0.21)
+    assert torch.equal(gw, weight_grad(gq, w, s, z, B, 2, 64, rule, 0.21))
+    assert torch.equal(gs, lsq_scale_grad(gq, w, s, z, 2, 64))

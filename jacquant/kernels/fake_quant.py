@@ -36,10 +36,8 @@ def fake_quant_backward_reference(
     grad_q: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor,
     bits: int, group: int, rule: str, amplitude: float,
 ) -> tuple[Tensor, Tensor]:
-    """(dL/dw, dL/ds) from :func:`surrogates.weight_grad` and :func:`surrogates.lsq_scale_grad`."""
-    grad_w = surrogates.weight_grad(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
-    grad_s = surrogates.lsq_scale_grad(grad_q, w, scale, zero_point, bits, group)
-    return grad_w, grad_s
+    """(dL/dw, dL/ds): :func:`surrogates.backward` (weight_grad and lsq_scale_grad from one v and mask)."""
+    return surrogates.backward(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
 
 
 # ----------------------------------------------------------------------------- dispatch
