@@ -29,7 +29,7 @@ def main() -> None:
     text = data.load_corpus()
     budget = replace(lm_track.DEFAULT, steps=a.steps)
     fp, _ = lm_track.pretrained(text, budget)
-    train_bytes = text.train_bytes()
+    train_bytes = text.train_bytes
     tune = lm_track.eval_windows(train_bytes[-1_000_000:], budget.eval_windows, budget.seq)
     print(f"fp32 tuning-slice perplexity {lm_track.perplexity(fp, tune):.4f}")
     lrs = [float(x) for x in a.lrs.split(",")]

@@ -53,7 +53,7 @@ def run_accuracy(
     os.makedirs(out_dir, exist_ok=True)
     recs = recipes(methods)
     text = data.load_corpus(corpus)
-    log(f"corpus: {text.name}: {len(text.train_bytes()):,} training and {len(text.valid_bytes()):,} validation bytes")
+    log(f"corpus: {text.name}: {len(text.train_bytes):,} training and {len(text.valid_bytes):,} validation bytes")
     meta = {"bits": bits, "group": group, "methods": ", ".join(methods), "seeds": len(seeds), "corpus": text.name,
             "torch": torch.__version__, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "quick": quick}
@@ -107,7 +107,7 @@ def export_best(rows: list[dict], kept: dict, text: data.Corpus, budget: lm_trac
         return {}
     best = min(trained, key=lambda m: trained[m]["ppl"]["mean"])
     model = kept[best].cpu()  # onnxruntime runs on the CPU here; compare on the same device
-    windows = lm_track.eval_windows(text.valid_bytes(), budget.eval_windows, budget.seq)
+    windows = lm_track.eval_windows(text.valid_bytes, budget.eval_windows, budget.seq)
     path = os.path.join(out_dir, f"lm-{best}-w{bits}.onnx")
     target = "ort"  # MatMulNBits; 3-bit codes are widened to 4-bit storage (same values)
     log(f"exporting the best 2-bit LM ({best}) to {path}")

@@ -10,7 +10,6 @@ import torch.nn as nn
 from .config import QuantConfig
 from .passes.capture import MatmulSite, capture
 from .passes.rewrite import quantizer_attr, rewrite_owner
-from .quantizer import group_size
 from .site import WeightQuantizer, sites
 
 

@@ -13,6 +13,7 @@ Tokens are bytes (UTF-8), vocabulary 256.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
 import inspect
@@ -38,12 +39,14 @@ class Corpus:
     train: list[str]
     valid: list[str]
 
+    @functools.cached_property
     def train_bytes(self) -> Tensor:
-        """The training documents joined by blank lines, as a 1-D uint8 tensor of UTF-8 bytes."""
+        """The training documents joined by blank lines, as a 1-D uint8 tensor of UTF-8 bytes (built once)."""
         return to_bytes(self.train)
 
+    @functools.cached_property
     def valid_bytes(self) -> Tensor:
-        """The validation documents joined by blank lines, as a 1-D uint8 tensor of UTF-8 bytes."""
+        """The validation documents joined by blank lines, as a 1-D uint8 tensor of UTF-8 bytes (built once)."""
         return to_bytes(self.valid)
 
 

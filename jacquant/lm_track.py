@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -57,16 +57,20 @@ def cache_root() -> str:
     return os.environ.get("JACQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jacquant"))
 
 
-def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    """Mean next-byte cross entropy of a window batch [B, T + 1]: logits of bytes 0..T-1 vs bytes 1..T."""
-    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+def next_token_ce(logits: Tensor, batch: Tensor) -> Tensor:
+    """Mean cross entropy of logits [B, T, V] for tokens 0..T-1 of ``batch`` [B, T + 1] against tokens 1..T."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
+def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """Mean next-token cross entropy of a Hugging Face causal LM on a window batch [B, T + 1]."""
+    return next_token_ce(model(input_ids=batch[:, :-1], use_cache=False).logits, batch)
+
+
 def eval_windows(valid: Tensor, n: int, seq: int) -> Tensor:
-    """``n`` windows of ``seq + 1`` bytes evenly spaced through the validation bytes, int64 [n, seq + 1]."""
+    """``n`` windows of ``seq + 1`` tokens evenly spaced through the validation tokens, int64 [n, seq + 1]."""
     if len(valid) < seq + 1:
-        raise ValueError(f"validation text of {len(valid)} bytes is shorter than one window of {seq + 1}")
+        raise ValueError(f"validation text of {len(valid)} tokens is shorter than one window of {seq + 1}")
     starts = torch.linspace(0, len(valid) - seq - 1, n).long()
     return torch.stack([valid[s:s + seq + 1] for s in starts.tolist()]).long()
 
@@ -111,7 +115,7 @@ def pretrained(corpus: data.Corpus, budget: Budget, seed: int = 0, cache: Option
     log(f"pretraining the full-precision LLaMA ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
         f"parameters) for {budget.pretrain_steps} steps; cached at {path} for later runs")
     t0 = time.perf_counter()
-    batches = data.windows(corpus.train_bytes(), budget.batch, budget.seq, budget.pretrain_steps, seed, device)
+    batches = data.windows(corpus.train_bytes, budget.batch, budget.seq, budget.pretrain_steps, seed, device)
     curve = train(model, Recipe("fp32"), batches, lm_loss, budget.pretrain_steps, budget.pretrain_lr,
                   warmup=max(1, budget.pretrain_steps // 20), desc="pretrain fp32")
     info = {"steps": budget.pretrain_steps, "seconds": time.perf_counter() - t0, "final_loss": curve[-1],
@@ -132,9 +136,8 @@ def run(fp_model: nn.Module, corpus: data.Corpus, methods: list[Recipe], seeds: 
     "val_loss"}, "seconds", "curve", "log"}``, with a first row for the full-precision model.
     """
     device = next(fp_model.parameters()).device
-    windows = eval_windows(corpus.valid_bytes(), budget.eval_windows, budget.seq).to(device)
-    train_bytes = corpus.train_bytes()
-    calib = next(data.windows(train_bytes, budget.batch, budget.seq, 1, 10_000, device))
+    windows = eval_windows(corpus.valid_bytes, budget.eval_windows, budget.seq).to(device)
+    calib = next(data.windows(corpus.train_bytes, budget.batch, budget.seq, 1, 10_000, device))
     fp_ppl = perplexity(fp_model, windows)
     rows = [_row("fp32", 0, fp_ppl, 0.0, [], None)]
     kept: dict[str, nn.Module] = {}
@@ -148,7 +151,7 @@ def run(fp_model: nn.Module, corpus: data.Corpus, methods: list[Recipe], seeds: 
             log = None
             if recipe.train:
                 log = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
-                batches = data.windows(train_bytes, budget.batch, budget.seq, budget.steps, seed + 1, device)
+                batches = data.windows(corpus.train_bytes, budget.batch, budget.seq, budget.steps, seed + 1, device)
                 curve = train(model, recipe, batches, lm_loss, budget.steps, budget.lr, seed=seed,
                               warmup=max(1, budget.steps // 20), calib_batch=calib, log_path=log,
                               desc=f"lm {recipe.name} seed {seed}")
@@ -177,9 +180,6 @@ def onnx_perplexity(path: str, windows: Tensor, batch: int = 16) -> float:
         w = windows[i:i + batch]
         w = w.cpu()
         logits = torch.from_numpy(np.asarray(sess.run(None, {name: w[:, :-1].numpy()})[0]))
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1))) * len(w)
+        total += float(next_token_ce(logits, w)) * len(w)
     return math.exp(total / len(windows))
 
-
-def budget_dict(budget: Budget) -> dict:
-    return asdict(budget)

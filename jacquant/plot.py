@@ -1,10 +1,13 @@
-"""Plot a :class:`jacquant.stats.StatsLogger` JSONL file: loss, code-flip rate and B over steps."""
+"""Plots: a :class:`jacquant.stats.StatsLogger` JSONL file (loss, code-flip rate, B over steps), and the
+run report's loss curves, flip rates and B histograms."""
 from __future__ import annotations
 
 import json
 import os
 
 import matplotlib
+import torch
+import torch.nn as nn
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -101,13 +104,13 @@ def flip_rates(rows: list[dict], out_png: str | os.PathLike) -> str:
     return os.fspath(out_png)
 
 
-def b_histograms(models: dict[str, "torch.nn.Module"], out_png: str | os.PathLike, bins: int = 40) -> str:
+def b_histograms(models: dict[str, nn.Module], out_png: str | os.PathLike, bins: int = 40) -> str:
     """Histogram of B over every group of every site, one panel per model (e.g. per track)."""
     from .site import sites
 
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(4.5 * max(len(models), 1), 3.2), squeeze=False)
     for ax, (label, model) in zip(axes[0], models.items()):
-        values = [float(v) for s in sites(model) for v in s.quantizer.jac.flatten().tolist()]
+        values = torch.cat([s.quantizer.jac.flatten() for s in sites(model)]).float().cpu().numpy()
         ax.hist(values, bins=bins)
         ax.set_title(f"B at the end of QAT: {label}", fontsize=9)
         ax.set_xlabel("B (per group)")

@@ -20,7 +20,7 @@ config is the attribute ``model.jacquant_refresh_config``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch

@@ -11,7 +11,6 @@ over seeds; :func:`verdict` answers the benchmark's question for one metric:
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 from typing import Optional
@@ -110,8 +109,3 @@ def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "") -> tup
         f.write("\n".join(md) + "\n")
     return md_path, json_path
 
-
-def finite(summary: dict) -> bool:
-    """True when every mean and std in a :func:`summarise` result is finite."""
-    return all(math.isfinite(v[s]) for methods in summary.values() for e in methods.values()
-               for v in e.values() if isinstance(v, dict) for s in ("mean", "std"))

@@ -12,7 +12,6 @@ model's tokenizer, or byte by byte (UTF-8, ids 0-255) when the directory has non
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
+from . import lm_track
 from .config import QuantConfig
 from .convert import convert, load_converted, save_converted
+from .data import windows
+from .lm_track import lm_loss
 from .plot import plot
 from .qat import RECIPES, quantize_copy, train
 
@@ -93,30 +94,10 @@ def split_tokens(ids: Tensor, seq: int) -> tuple[Tensor, Tensor]:
     return train_ids, valid_ids
 
 
-def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    """Mean next-token cross entropy of a window batch [B, T + 1]."""
-    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, ids: Tensor, seq: int, windows: int, batch: int = 8) -> float:
-    """exp(mean next-token cross entropy) over ``windows`` windows evenly spaced through ``ids``."""
+def perplexity(model: nn.Module, ids: Tensor, seq: int, windows: int) -> float:
+    """:func:`jacquant.lm_track.perplexity` over ``windows`` windows evenly spaced through ``ids``."""
     device = next(model.parameters()).device
-    starts = torch.linspace(0, len(ids) - seq - 1, windows).long().tolist()
-    w = torch.stack([ids[s:s + seq + 1] for s in starts]).to(device)
-    was = model.training
-    model.eval()
-    total = sum(float(lm_loss(model, w[i:i + batch])) * len(w[i:i + batch]) for i in range(0, len(w), batch))
-    model.train(was)
-    return math.exp(total / len(w))
-
-
-def _batches(ids: Tensor, batch: int, seq: int, steps: int, seed: int, device: str):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        i = torch.randint(0, len(ids) - seq - 1, (batch,), generator=g)
-        yield torch.stack([ids[j:j + seq + 1] for j in i.tolist()]).to(device)
+    return lm_track.perplexity(model, lm_track.eval_windows(ids, windows, seq).to(device))
 
 
 def train_model(a: TrainArgs, log=print) -> dict:
@@ -145,8 +126,8 @@ def train_model(a: TrainArgs, log=print) -> dict:
     if os.path.exists(stats_path):
         os.remove(stats_path)
     t0 = time.perf_counter()
-    calib = next(_batches(train_ids, a.batch, a.seq, 1, a.seed + 10_000, a.device))
-    curve = train(model, recipe, _batches(train_ids, a.batch, a.seq, steps, a.seed, a.device), lm_loss, steps, a.lr,
+    calib = next(windows(train_ids, a.batch, a.seq, 1, a.seed + 10_000, a.device))
+    curve = train(model, recipe, windows(train_ids, a.batch, a.seq, steps, a.seed, a.device), lm_loss, steps, a.lr,
                   seed=a.seed, warmup=max(1, steps // 20), calib_batch=calib, log_path=stats_path,
                   log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}")
     seconds = time.perf_counter() - t0

@@ -31,4 +31,4 @@ def test_windows_are_slices_of_the_text():
 
 def test_corpus_bytes_round_trip():
     c = data.Corpus("t", ["héllo", "world"], ["valid"])
-    assert bytes(c.train_bytes().tolist()).decode("utf-8") == "héllo\n\nworld"
+    assert bytes(c.train_bytes.tolist()).decode("utf-8") == "héllo\n\nworld"

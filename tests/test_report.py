@@ -1,5 +1,6 @@
 """report: mean ± std over seeds and the verdict, against numpy."""
 import json
+import math
 
 import numpy as np
 
@@ -41,4 +42,5 @@ def test_write_produces_table_and_json(tmp_path):
     assert "| jacquant | 9.133 ± 0.153 | 3 |" in text
     data = json.load(open(js))
     assert len(data["rows"]) == 9 and data["verdicts"][0]["verdict"] == "beats"
-    assert report.finite(data["summary"])
+    assert all(math.isfinite(v[k]) for e in data["summary"]["lm"].values() for v in e.values()
+               if isinstance(v, dict) for k in ("mean", "std"))

@@ -1,6 +1,5 @@
 import copy
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

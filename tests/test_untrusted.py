@@ -6,7 +6,6 @@ produces, an ONNX initializer or attribute) and checks the error names what is w
 nothing but a ValueError escapes (no safetensors/protobuf exception, no crash, no silent load).
 """
 import json
-import math
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import mlp
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 
 import jacquant
