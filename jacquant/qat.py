@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .api import transform
 from .config import QuantConfig
+from .faults import guard
 from .optim import MarsAdamW, scale_updates_by_b
 from .refresh import RefreshConfig, attach
 from .refresh import step as refresh_step
@@ -133,7 +134,9 @@ def train(
 ) -> list[float]:
     """Train ``model`` (already transformed, or full precision for pretraining) for ``steps`` steps.
 
-    Each step: ``loss_fn(model, batch).backward()``, optimizer step, cosine lr, and for JacQuant
+    Each step: ``loss_fn(model, batch).backward()``, optimizer step through
+    ``jacquant.guard(..., on_nonfinite="raise")`` (a NaN/Inf in any parameter, scale, B or gradient
+    raises :class:`jacquant.NonFiniteError` naming it), cosine lr, and for JacQuant
     ``jacquant.step(model)`` (B refreshed at step 0 and every K steps; the data-driven Probe measures
     ``loss_fn(model, calib_batch)``). Returns the training-loss curve. With ``log_path``, per-site
     diagnostics (:func:`jacquant.stats`) are written to that JSONL file (replaced) every ``log_every`` steps.
@@ -142,6 +145,7 @@ def train(
         attach(model, recipe.refresh_config(seed))
     opt = make_optimizer(model, recipe, lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps, warmup))
+    checked = guard(opt, model, on_nonfinite="raise")  # a NaN/Inf anywhere stops the run, naming the tensor
     probe_loss = None
     if recipe.is_jacquant and recipe.estimator == "data_probe":
         if calib_batch is None:
@@ -157,11 +161,9 @@ def train(
         if t >= steps:
             break
         loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{recipe.name}: loss is {loss.item()} at step {t}; lower the learning rate {lr}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        checked.step()
         sched.step()
         if recipe.is_jacquant:
             refresh_step(model, probe_loss)

@@ -73,3 +73,18 @@ def test_rtn_is_the_initial_grid_and_unknown_methods_are_errors():
     assert torch.equal(s.quantizer.scale.detach(), scale) and torch.equal(s.quantizer.zero_point, zp)
     with pytest.raises(ValueError, match="unknown method"):
         qat.recipes(["ste", "nope"])
+
+
+def test_a_non_finite_gradient_stops_the_run_naming_the_tensor():
+    model, batches = _setup()
+    q = qat.quantize_copy(model, qat.RECIPES["ste"], jacquant.QuantConfig(bits=2, group=32))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+
+    def loss_fn(m, b):
+        loss = lm_loss(m(b), b)
+        return loss * float("nan") if b is batches[2] else loss
+
+    with pytest.raises(jacquant.NonFiniteError, match="non-finite"):
+        qat.train(q, qat.RECIPES["ste"], iter(batches), loss_fn, len(batches), 3e-3)
+    assert any(not torch.equal(before[k], v) for k, v in q.state_dict().items())  # steps 0 and 1 were taken
+    assert all(torch.isfinite(v).all() for v in q.state_dict().values() if v.is_floating_point())  # not step 2
