@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .api import transform
 from .config import QuantConfig
 from .faults import guard
+from .site import sites
 from .optim import MarsAdamW, scale_updates_by_b
 from .refresh import RefreshConfig, attach
 from .refresh import step as refresh_step
@@ -135,8 +136,9 @@ def train(
     """Train ``model`` (already transformed, or full precision for pretraining) for ``steps`` steps.
 
     Each step: ``loss_fn(model, batch).backward()``, optimizer step through
-    ``jacquant.guard(..., on_nonfinite="raise")`` (a NaN/Inf in any parameter, scale, B or gradient
-    raises :class:`jacquant.NonFiniteError` naming it), cosine lr, and for JacQuant
+    ``jacquant.guard(..., on_nonfinite="raise")`` for a transformed model (a NaN/Inf in any
+    parameter, scale, B or gradient raises :class:`jacquant.NonFiniteError` naming it), cosine lr,
+    and for JacQuant
     ``jacquant.step(model)`` (B refreshed at step 0 and every K steps; the data-driven Probe measures
     ``loss_fn(model, calib_batch)``). Returns the training-loss curve. With ``log_path``, per-site
     diagnostics (:func:`jacquant.stats`) are written to that JSONL file (replaced) every ``log_every`` steps.
@@ -145,7 +147,8 @@ def train(
         attach(model, recipe.refresh_config(seed))
     opt = make_optimizer(model, recipe, lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps, warmup))
-    checked = guard(opt, model, on_nonfinite="raise")  # a NaN/Inf anywhere stops the run, naming the tensor
+    # a NaN/Inf anywhere stops the run, naming the tensor (the guard needs quantized sites: not for fp pretraining)
+    checked = guard(opt, model, on_nonfinite="raise") if any(True for _ in sites(model)) else opt
     probe_loss = None
     if recipe.is_jacquant and recipe.estimator == "data_probe":
         if calib_batch is None:
