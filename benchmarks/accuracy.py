@@ -14,8 +14,8 @@ import argparse
 import datetime
 import os
 
-from jacquant.accuracy import run_accuracy
-from jacquant.qat import RECIPES
+from jacquant.app.accuracy import run_accuracy
+from jacquant.app.qat import RECIPES
 
 
 def main() -> None:

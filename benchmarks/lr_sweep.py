@@ -13,9 +13,9 @@ from dataclasses import replace
 
 import torch
 
-from jacquant import data, lm_track
+from jacquant.app import data, lm_track
 from jacquant.config import QuantConfig
-from jacquant.qat import recipes, quantize_copy, train
+from jacquant.app.qat import recipes, quantize_copy, train
 
 
 def main() -> None:

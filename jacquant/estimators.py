@@ -92,13 +92,17 @@ def probe(
     ``delta_max`` is in scale units; ``generator`` is a CPU generator (the draw is moved to w's device).
     E[B̂] = :func:`probe_mean` (Dither averaged over widths h ~ U(0, 2·δ_max)).
     """
+    return probe_from_deltas(w, scale, zero_point, bits, group, probe_deltas(w, scale, group, delta_max, generator))
+
+
+def probe_deltas(
+    w: Tensor, scale: Tensor, group: int, delta_max: float, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """The Probe's widths δ_i ~ U(0, δ_max·s_g] in weight units, [N, K] fp32 on w's device."""
     _check_width("probe delta_max", delta_max)
     u = 1.0 - torch.rand(w.shape, generator=generator, dtype=torch.float32)  # (0, 1]
     s = scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR).unsqueeze(-1)  # [N, K/G, 1]
-    delta = (grouped(u.to(w.device), group) * (delta_max * s)).reshape(w.shape)
-    from .kernels.estimators import probe_from_deltas as dispatch  # Triton on CUDA; here on CPU
-
-    return dispatch(w, scale, zero_point, bits, group, delta)
+    return (grouped(u.to(w.device), group) * (delta_max * s)).reshape(w.shape)
 
 
 def probe_mean(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: int, delta_max: float) -> Tensor:

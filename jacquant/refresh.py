@@ -158,7 +158,8 @@ def refresh(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) ->
         if c.estimator == "dither":
             b_hat = fast.dither(w, q.scale, q.zero_point, q.bits, q.group, c.width)  # Triton on CUDA
         elif c.estimator == "probe":
-            b_hat = estimators.probe(w, q.scale, q.zero_point, q.bits, q.group, c.width, generator=gen)
+            delta = estimators.probe_deltas(w, q.scale, q.group, c.width, generator=gen)
+            b_hat = fast.probe_from_deltas(w, q.scale, q.zero_point, q.bits, q.group, delta)
         else:
             b_hat = b_hats[s.name]
         q.jac.copy_(smooth(q.jac, b_hat.to(q.jac.device), c.beta, c.lam, c.b_min, c.b_max))

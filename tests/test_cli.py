@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jacquant.cli import main
+from jacquant.app.cli import main
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_train_eval_export_round_trip(tmp_path, capsys):
     assert main(["export", model, "--out", str(out), "--onnx", str(onnx_file), "--accuracy-level", "0"]) == 0
     import onnxruntime as ort
 
-    from jacquant.workflow import load_trained
+    from jacquant.app.workflow import load_trained
 
     m, _, _ = load_trained(model, str(out))
     x = torch.randint(0, 256, (3, 20))

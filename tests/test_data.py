@@ -1,7 +1,7 @@
 """data: the fixed split, sentence extraction and windows."""
 import torch
 
-from jacquant import data
+from jacquant.app import data
 
 
 def test_split_every_tenth_document_validates():

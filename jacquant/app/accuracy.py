@@ -2,9 +2,9 @@
 
 Two tracks, every method with the same data, steps and learning rate per track, several seeds:
 
-- ``lm``: a byte-level LLaMA pretrained on the Python documentation (:mod:`jacquant.lm_track`),
+- ``lm``: a byte-level LLaMA pretrained on the Python documentation (:mod:`jacquant.app.lm_track`),
   metric held-out perplexity per byte;
-- ``encoder``: all-MiniLM-L6-v2 distilled into its 2-bit copy (:mod:`jacquant.encoder_track`),
+- ``encoder``: all-MiniLM-L6-v2 distilled into its 2-bit copy (:mod:`jacquant.app.encoder_track`),
   metrics cosine to the full-precision embedding and Spearman of pairwise similarities.
 
 Then the best trained 2-bit LM is exported to ONNX (onnxruntime's ``MatMulNBits``) and its
@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from . import data, lm_track, plot, report
+from .. import plot
+from . import data, lm_track, report
 from .qat import DEFAULT_METHODS, recipes
 
 TRACKS = ("lm", "encoder")
@@ -100,7 +101,7 @@ def export_best(rows: list[dict], kept: dict, text: data.Corpus, budget: lm_trac
                 out_dir: str, log=print) -> dict:
     """Export the trained method with the lowest mean perplexity (its first seed) and compare
     onnxruntime's perplexity with PyTorch's on the evaluation windows."""
-    from .export import export_onnx
+    from ..export import export_onnx
 
     trained = report.summarise([r for r in rows if r["method"] in kept and r["curve"]]).get("lm", {})
     if not trained:

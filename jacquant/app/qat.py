@@ -27,14 +27,14 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from .api import transform
-from .config import QuantConfig
-from .faults import guard
-from .site import sites
-from .optim import MarsAdamW, scale_updates_by_b
-from .refresh import RefreshConfig, attach
-from .refresh import step as refresh_step
-from .stats import StatsLogger
+from ..api import transform
+from ..config import QuantConfig
+from ..faults import guard
+from ..site import sites
+from ..optim import MarsAdamW, scale_updates_by_b
+from ..refresh import RefreshConfig, attach
+from ..refresh import step as refresh_step
+from ..stats import StatsLogger
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 No pretrained causal LM that a package registry ships fits 2 CPU cores, so the track pretrains
 ``transformers.LlamaForCausalLM`` (:data:`LLAMA`: 4 layers, hidden 256, MLP 768, 3.5 M parameters,
-tied embedding/head, byte-level vocabulary of 256) on the training split of :mod:`jacquant.data`'s
+tied embedding/head, byte-level vocabulary of 256) on the training split of :mod:`jacquant.app.data`'s
 corpus, caches that full-precision checkpoint under ``~/.cache/jacquant`` (``save_pretrained``
 with safetensors, keyed by config, corpus and budget) and reuses it.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import data
-from .config import QuantConfig
+from ..config import QuantConfig
 from .qat import Recipe, quantize_copy, train
 
 LLAMA = dict(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,

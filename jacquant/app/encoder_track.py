@@ -16,7 +16,7 @@ QAT is distillation: the student is the quantized copy, the teacher the full-pre
 whose outputs are computed once per run for every training sentence the batches use. Dropout is
 off (the teacher is deterministic, and every method should see the same targets).
 
-Data (:mod:`jacquant.data`): the prose sentences of the corpus. Training sentences are the train
+Data (:mod:`jacquant.app.data`): the prose sentences of the corpus. Training sentences are the train
 split's, less its last :data:`TUNE_SENTENCES` (the *tune* slice, held out for choosing the learning
 rate); the metrics use the first ``n_eval`` validation sentences.
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import data
-from .config import QuantConfig
+from ..config import QuantConfig
 from .qat import Recipe, quantize_copy, train
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ def run(methods: list[Recipe], seeds: list[int], bits: int, group: int, steps: i
     """2-bit (``bits``) QAT of all-MiniLM-L6-v2 by each method and seed, distilled from the fp encoder.
 
     Each (method, seed): ``quantize_copy`` of the fp :class:`SentenceEncoder` (group ``group``), then,
-    unless the recipe is RTN, ``steps`` steps of :func:`jacquant.qat.train` on :func:`distill_loss`
+    unless the recipe is RTN, ``steps`` steps of :func:`jacquant.app.qat.train` on :func:`distill_loss`
     with AdamW at ``lr``, ``batch`` sentences of at most ``max_len`` tokens per step; the batches
     depend on the seed only (:func:`batch_indices`), so every method sees the same ones. The
     data-driven Probe's calibration batch is the first ``batch`` training sentences.

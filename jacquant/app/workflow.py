@@ -22,11 +22,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import lm_track
-from .config import QuantConfig
-from .convert import convert, load_converted, save_converted
+from ..config import QuantConfig
+from ..convert import convert, load_converted, save_converted
 from .data import windows
 from .lm_track import lm_loss
-from .plot import plot
+from ..plot import plot
 from .qat import RECIPES, quantize_copy, train
 
 VALID_FRACTION = 0.1
@@ -95,7 +95,7 @@ def split_tokens(ids: Tensor, seq: int) -> tuple[Tensor, Tensor]:
 
 
 def perplexity(model: nn.Module, ids: Tensor, seq: int, windows: int) -> float:
-    """:func:`jacquant.lm_track.perplexity` over ``windows`` windows evenly spaced through ``ids``."""
+    """:func:`jacquant.app.lm_track.perplexity` over ``windows`` windows evenly spaced through ``ids``."""
     device = next(model.parameters()).device
     return lm_track.perplexity(model, lm_track.eval_windows(ids, windows, seq).to(device))
 
@@ -169,7 +169,7 @@ def eval_model(model: str, text: list[str], out: Optional[str] = None, seq: int 
 
 def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accuracy_level: int = 4) -> dict:
     """Export the trained model in ``out`` to ONNX (MatMulNBits for ``ort``, DequantizeLinear for ``onnx``)."""
-    from .export import export_onnx
+    from ..export import export_onnx
 
     m, _, summary = load_trained(model, out)
     example = torch.randint(0, m.config.vocab_size, (2, 16))
