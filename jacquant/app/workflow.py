@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import lm_track
+from . import gguf, lm_track
 from ..config import QuantConfig
 from ..convert import convert, load_converted, save_converted
 from .data import windows
@@ -52,10 +52,20 @@ class TrainArgs:
     eval_windows: int = 64
 
 
+def resolve_model(name: str) -> str:
+    """A Hugging Face directory or cached name for ``name``: a ``.gguf`` file (or a directory holding one) is
+    converted once to an fp32 directory in the cache (:func:`jacquant.app.gguf.convert_gguf`)."""
+    path = gguf.find_gguf(name)
+    return gguf.convert_gguf(path, lm_track.cache_root()) if path else name
+
+
 def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Optional[object]]:
-    """(causal LM in fp32, tokenizer or None) from a local directory or the local HF cache, offline."""
+    """(causal LM in fp32, tokenizer or None) from a GGUF file, a local directory or the local HF cache, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name.endswith(".gguf") and not os.path.exists(name):
+        raise FileNotFoundError(f"GGUF file {name!r} does not exist")
+    name = resolve_model(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
     except OSError as e:
