@@ -28,10 +28,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..api import transform
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import QuantConfig
 from ..faults import guard
 from ..site import sites
-from ..optim import MarsAdamW, scale_updates_by_b
+from ..elementwise import ElementwiseConfig
+from ..elementwise import attach as attach_elementwise
+from ..optim import MarsAdamW, VRMomentum, scale_updates_by_b
 from ..refresh import RefreshConfig, attach
 from ..refresh import step as refresh_step
 from ..stats import StatsLogger
@@ -50,6 +53,7 @@ class Recipe:
         optimizer: "adamw" or "mars" (:class:`jacquant.optim.MarsAdamW`).
         width: the estimator's width in scale units (Dither's h, Probe's δ).
         train: False for RTN.
+        elementwise: a per-element rule around the optimizer (:mod:`jacquant.elementwise`; rule "ste" sites).
     """
 
     name: str
@@ -59,10 +63,17 @@ class Recipe:
     optimizer: str = "adamw"
     width: float = 2.0
     train: bool = True
+    elementwise: Optional[ElementwiseConfig] = None
 
     @property
     def is_jacquant(self) -> bool:
         return self.train and self.rule == "jacquant"
+
+    @property
+    def needs_calib(self) -> bool:
+        """True when the recipe measures a calibration loss (data-driven estimators, fitted δ)."""
+        return (self.is_jacquant and self.estimator in ("data_probe", "data_dither")) or \
+            (self.train and self.elementwise is not None and self.elementwise.needs_loss)
 
     def refresh_config(self, seed: int) -> RefreshConfig:
         return RefreshConfig(estimator=self.estimator or "dither", width=self.width, seed=seed)
@@ -78,6 +89,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-data-probe", rule="jacquant", estimator="data_probe", width=1.0),
     Recipe("ste-mars", optimizer="mars"),
     Recipe("jq-mars", rule="jacquant", estimator="dither", optimizer="mars"),
+    # issue 14's candidates (benchmarks/screen.py): per-element rules, data Dither, code phases, VR momentum
+    Recipe("jq-ewgs", elementwise=ElementwiseConfig(rule="ewgs")),
+    Recipe("jq-ewgs-upd", elementwise=ElementwiseConfig(rule="ewgs", placement="update")),
+    Recipe("jq-gauss-upd", elementwise=ElementwiseConfig(rule="gauss", placement="update")),
+    Recipe("jq-cage", elementwise=ElementwiseConfig(rule="none", cage=0.5)),
+    Recipe("jq-codes", elementwise=ElementwiseConfig(rule="none", code_period=4, code_steps=1)),
+    Recipe("jq-data-dither", rule="jacquant", estimator="data_dither", width=0.5),
+    Recipe("ste-vrm", optimizer="vrm"),
+    Recipe("jq-ewgs-vrm", optimizer="vrm", elementwise=ElementwiseConfig(rule="ewgs")),
 )}
 DEFAULT_METHODS = ("rtn", "ste", "stableqat", "jacquant")
 
@@ -103,7 +123,7 @@ def make_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.O
     for JacQuant with ``placement="update"``, hooked by :func:`jacquant.optim.scale_updates_by_b`."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = MarsAdamW(params, lr=lr, weight_decay=0.0) if recipe.optimizer == "mars" else \
-        torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        VRMomentum(params, lr=lr) if recipe.optimizer == "vrm" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if recipe.is_jacquant and recipe.placement == "update":
         scale_updates_by_b(opt, model)
     return opt
@@ -132,6 +152,8 @@ def train(
     log_path: Optional[str] = None,
     log_every: int = 10,
     desc: str = "",
+    checkpoint: Optional[str] = None,
+    checkpoint_every: int = 0,
 ) -> list[float]:
     """Train ``model`` (already transformed, or full precision for pretraining) for ``steps`` steps.
 
@@ -142,6 +164,12 @@ def train(
     ``jacquant.step(model)`` (B refreshed at step 0 and every K steps; the data-driven Probe measures
     ``loss_fn(model, calib_batch)``). Returns the training-loss curve. With ``log_path``, per-site
     diagnostics (:func:`jacquant.stats`) are written to that JSONL file (replaced) every ``log_every`` steps.
+
+    With ``checkpoint`` (a file path) and ``checkpoint_every = N > 0``, the model (weights, scales, B, refresh
+    clock and RNG), optimizer, lr schedule, loss curve and global RNG are saved there every N steps
+    (:func:`jacquant.save_checkpoint`, written to a temporary file and renamed, so a kill never leaves a torn
+    file). When that file exists at the start, training resumes from it: the first ``step`` batches are
+    drawn and skipped, so a resumed run equals an uninterrupted one bit for bit on the CPU.
     """
     if recipe.is_jacquant:
         attach(model, recipe.refresh_config(seed))
@@ -150,19 +178,28 @@ def train(
     # a NaN/Inf anywhere stops the run, naming the tensor (the guard needs quantized sites: not for fp pretraining)
     checked = guard(opt, model, on_nonfinite="raise") if any(True for _ in sites(model)) else opt
     probe_loss = None
-    if recipe.is_jacquant and recipe.estimator == "data_probe":
+    if recipe.needs_calib:
         if calib_batch is None:
-            raise ValueError(f"recipe {recipe.name!r} (data-driven Probe) needs a calib_batch")
+            raise ValueError(f"recipe {recipe.name!r} measures a calibration loss: it needs a calib_batch")
         probe_loss = lambda: loss_fn(model, calib_batch)  # noqa: E731
-    if log_path and os.path.exists(log_path):
+    if recipe.train and recipe.elementwise is not None:
+        attach_elementwise(opt, model, recipe.elementwise, probe_loss, seed)
+    curve: list[float] = []
+    start = 0
+    if checkpoint and os.path.exists(checkpoint):
+        extra = load_checkpoint(checkpoint, model, opt)
+        sched.load_state_dict(extra["schedule"])
+        start, curve = int(extra["step"]), list(extra["curve"])
+    elif log_path and os.path.exists(log_path):
         os.remove(log_path)  # a fresh log per run: StatsLogger appends
     logger = StatsLogger(log_path) if log_path else None
-    curve: list[float] = []
     model.train()
-    bar = tqdm(batches, total=steps, desc=desc or recipe.name, leave=False)
+    bar = tqdm(batches, total=steps, initial=0, desc=desc or recipe.name, leave=False)
     for t, batch in enumerate(bar):
         if t >= steps:
             break
+        if t < start:
+            continue  # resumed: this batch was trained on before the checkpoint
         loss = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,4 +211,8 @@ def train(
         if logger is not None and (t % log_every == 0 or t == steps - 1):
             logger.log(model, t, curve[-1])
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
+        if checkpoint and checkpoint_every > 0 and ((t + 1) % checkpoint_every == 0 or t + 1 == steps):
+            tmp = checkpoint + ".tmp"
+            save_checkpoint(tmp, model, opt, extra={"step": t + 1, "curve": curve, "schedule": sched.state_dict()})
+            os.replace(tmp, checkpoint)
     return curve
