@@ -104,7 +104,7 @@ def default_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = None,
     path: Optional[str] = None,
     target: str = "ort",
     accuracy_level: int = 4,
@@ -112,6 +112,10 @@ def export_onnx(
     dynamic: bool = True,
     opset_version: Optional[int] = None,
     widen_bits: bool = False,
+    kv_cache: bool = False,
+    tokenizer: Any = None,
+    head_bits: Optional[int] = None,
+    head_group: int = 32,
 ) -> onnx.ModelProto:
     """Export a jacquant model with integer weights to ONNX; write it to ``path`` if given, return it.
 
@@ -123,7 +127,27 @@ def export_onnx(
     level is not used). ``opset_version`` defaults to 21, or 25 where the onnx target has 2-bit
     weights. The result passes ``onnx.checker`` and :func:`jacquant.export.load_onnx`'s checks, and carries
     the lowest IR version its opset needs.
+
+    ``kv_cache=True`` (Hugging Face Llama-family causal LMs) writes instead a decoder with a KV cache
+    for generation, built node by node (:mod:`jacquant.export.decoder`): inputs input_ids,
+    attention_mask, position_ids and past keys/values per layer, outputs logits and present
+    keys/values; packed layers as MatMulNBits (target ``ort`` only), a full-precision model as fp32
+    MatMul; ``tokenizer`` is saved beside ``path``; ``head_bits`` (2/4/8, blocks of ``head_group``)
+    quantizes a full-precision LM head (and its tied embedding) round-to-nearest. ``example_inputs``
+    is not used. Generate with :func:`jacquant.export.generate`.
     """
+    if kv_cache:
+        if target != "ort":
+            raise ValueError("export_onnx(kv_cache=True) writes MatMulNBits (target='ort') only")
+        from .decoder import export_decoder
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+        return export_decoder(model, path, tokenizer=tokenizer, accuracy_level=accuracy_level, head_bits=head_bits,
+                              head_group=head_group)
+    if example_inputs is None:
+        raise ValueError("export_onnx: example_inputs are needed (a tensor, tuple of args or dict of kwargs) unless "
+                         "kv_cache=True")
     if target not in TARGETS:
         raise ValueError(f"export_onnx: target={target!r} is not one of {TARGETS}")
     if accuracy_level not in ACCURACY_LEVELS:
