@@ -25,7 +25,6 @@ from . import gguf, lm_track
 from ..config import QuantConfig
 from ..convert import convert, load_converted, save_converted
 from .data import windows
-from .lm_track import lm_loss
 from ..plot import plot
 from .qat import RECIPES, quantize_copy, train
 
@@ -46,10 +45,13 @@ class TrainArgs:
     tokens: Optional[int] = None
     seq: int = 256
     batch: int = 8
-    lr: float = 1e-4
+    lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
     eval_windows: int = 64
+    loss: str = "kd"
+    freeze_embedding: bool = True
+    checkpoint_every: int = 50
 
 
 def resolve_model(name: str) -> str:
@@ -129,17 +131,23 @@ def train_model(a: TrainArgs, log=print) -> dict:
     fp_ppl = perplexity(fp, valid_ids, a.seq, a.eval_windows)
     recipe = RECIPES[a.method]
     model = quantize_copy(fp, recipe, QuantConfig(bits=a.bits, group=a.group))
-    del fp
+    if a.freeze_embedding:
+        lm_track.freeze_embedding(model)
+    objective = lm_track.loss_fn(a.loss, fp)
+    if a.loss == "ce":
+        del fp
     rtn_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
     os.makedirs(a.out, exist_ok=True)
     stats_path = os.path.join(a.out, "stats.jsonl")
-    if os.path.exists(stats_path):
-        os.remove(stats_path)
     t0 = time.perf_counter()
     calib = next(windows(train_ids, a.batch, a.seq, 1, a.seed + 10_000, a.device))
-    curve = train(model, recipe, windows(train_ids, a.batch, a.seq, steps, a.seed, a.device), lm_loss, steps, a.lr,
+    ckpt = os.path.join(a.out, "checkpoint.pt")
+    if os.path.exists(ckpt):
+        log(f"resuming from {ckpt}")
+    curve = train(model, recipe, windows(train_ids, a.batch, a.seq, steps, a.seed, a.device), objective, steps, a.lr,
                   seed=a.seed, warmup=max(1, steps // 20), calib_batch=calib, log_path=stats_path,
-                  log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}")
+                  log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}",
+                  checkpoint=ckpt if a.checkpoint_every > 0 else None, checkpoint_every=a.checkpoint_every)
     seconds = time.perf_counter() - t0
     qat_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
     plot(stats_path, os.path.join(a.out, "stats.png"))
@@ -147,10 +155,13 @@ def train_model(a: TrainArgs, log=print) -> dict:
     save_converted(model.cpu(), os.path.join(a.out, "model.safetensors"))
     summary = {"model": a.model, "bits": a.bits, "group": a.group, "method": a.method, "steps": steps,
                "tokens": steps * a.batch * a.seq, "seq": a.seq, "lr": a.lr, "seed": a.seed, "seconds": seconds,
+               "loss": a.loss, "freeze_embedding": a.freeze_embedding,
                "tokenizer": "bytes" if tok is None else "model", "ppl": {"fp32": fp_ppl, "rtn": rtn_ppl, "qat": qat_ppl},
                "final_loss": curve[-1]}
     with open(os.path.join(a.out, "jacquant.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    if os.path.exists(ckpt):
+        os.remove(ckpt)  # finished: the integer model above is the result
     return summary
 
 
@@ -177,11 +188,18 @@ def eval_model(model: str, text: list[str], out: Optional[str] = None, seq: int 
     return {"model": model, "checkpoint": out, "bits": summary.get("bits"), "ppl": perplexity(m, valid_ids, seq, windows)}
 
 
-def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accuracy_level: int = 4) -> dict:
-    """Export the trained model in ``out`` to ONNX (MatMulNBits for ``ort``, DequantizeLinear for ``onnx``)."""
+def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accuracy_level: int = 4,
+                 kv_cache: bool = False, head_bits: Optional[int] = None) -> dict:
+    """Export the trained model in ``out`` to ONNX (MatMulNBits for ``ort``, DequantizeLinear for ``onnx``);
+    ``kv_cache``: a decoder for ``jacquant generate`` with the tokenizer beside it."""
     from ..export import export_onnx
 
-    m, _, summary = load_trained(model, out)
+    m, tok, summary = load_trained(model, out)
+    if kv_cache:
+        export_onnx(m, None, onnx_path, target=target, accuracy_level=accuracy_level, kv_cache=True, tokenizer=tok,
+                    head_bits=head_bits)
+        return {"path": onnx_path, "mib": os.path.getsize(onnx_path) / 2**20, "target": target,
+                "bits": summary["bits"], "kv_cache": True}
     example = torch.randint(0, m.config.vocab_size, (2, 16))
     export_onnx(m, (example,), onnx_path, target=target, accuracy_level=accuracy_level, widen_bits=summary["bits"] == 3)
     return {"path": onnx_path, "mib": os.path.getsize(onnx_path) / 2**20, "target": target, "bits": summary["bits"]}
