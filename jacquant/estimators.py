@@ -18,7 +18,7 @@ so [Q(w+δ) - Q(w-δ)]/(2δ) is *exactly* the dither term with width h = 2δ/s. 
 (:func:`probe_mean`). Sampled probe is therefore a log-weighted, wider-tailed Dither; its variance
 grows as a weight approaches a threshold, so tests keep weights off the thresholds.
 
-Data-driven (measures the loss): :func:`data_probe`.
+Data-driven (measures the loss): :func:`data_probe`, :func:`data_dither`.
 """
 from __future__ import annotations
 
@@ -118,6 +118,85 @@ def probe_mean(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: i
     tau = torch.arange(qmax(bits), dtype=torch.float64, device=v.device) + 0.5
     d = (v - tau).abs()
     return (torch.log(H / (2 * d)).clamp_min(0).sum(-1) / H).mean(-1).to(torch.float32)
+
+
+def _ste_gradients(loss_fn: Callable[[], Tensor], found: list[Site]) -> list[Tensor]:
+    """m ⊙ dL/dq per site through the clipped-STE rule, grouped [N, K/G, G] fp32."""
+    rules = [s.quantizer.rule for s in found]
+    try:
+        for s in found:
+            s.quantizer.rule = "ste"
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, [s.weight for s in found], allow_unused=True)
+    finally:
+        for s, r in zip(found, rules):
+            s.quantizer.rule = r
+    out = []
+    for s, g in zip(found, grads):
+        if g is None:
+            raise ValueError(f"site `{s.name}`: loss_fn() does not depend on its weight; pass a loss over the whole model")
+        out.append(grouped(s.quantizer.as_nk(g).detach().to(torch.float32), s.quantizer.group))
+    return out
+
+
+def _set_weights(found: list[Site], saved: list[Tensor], steps: list[Tensor], sign: float) -> None:
+    for s, w0, st in zip(found, saved, steps):
+        w0nk = s.quantizer.as_nk(w0)
+        s.quantizer.as_nk(s.weight).copy_((grouped(w0nk, s.quantizer.group) + sign * st).reshape(w0nk.shape))
+
+
+def data_dither(
+    loss_fn: Callable[[], Tensor],
+    model_or_sites: torch.nn.Module | Iterable[Site],
+    sigma: float,
+    n_probes: int,
+    generator: Optional[torch.Generator] = None,
+) -> dict[str, Tensor]:
+    """Data-driven Dither (method.md): fit B̂ per group from antithetic Gaussian dithers of the loss.
+
+    With a = m ⊙ dL/dq (the clipped-STE gradient), per probe p a dither u ~ N(0, σ² s_g²) on every
+    weight of every site at once:
+
+        ΔL_p = L(Q(W + u)) − L(Q(W − u)),     ĝ_p = ΔL_p · u / (2 σ² s²)
+        B̂_g  = mean_p ⟨ĝ_p,g, a_g⟩ / ‖a_g‖²
+
+    ĝ estimates the gradient of the smoothed loss E_u L(Q(W + u)) (Stein's lemma, antithetic). For a
+    loss linear in Q, L = ⟨C, Q(W)⟩, E[B̂_g] = Σ_i C_i a_i D_i / Σ_i a_i², D_i the Gaussian-dithered
+    slope :func:`jacquant.elementwise.gaussian_slope` at v_i (a test checks this). Different groups'
+    terms are zero-mean noise that falls as 1/sqrt(n_probes). A group with ‖a_g‖ = 0 gets B̂ = 1.
+    ``sigma`` is in scale units. Weights are restored bit for bit afterwards.
+    """
+    _check_width("data_dither sigma", sigma)
+    if not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"data_dither n_probes={n_probes!r} must be a positive int")
+    found = list(sites(model_or_sites)) if isinstance(model_or_sites, torch.nn.Module) else list(model_or_sites)
+    if not found:
+        raise ValueError("data_dither found no quantized site; call jacquant.transform(model, ...) first")
+    a_dir = _ste_gradients(loss_fn, found)
+    sd = [sigma * s.quantizer.scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR) for s in found]  # [N, K/G]
+    num = [torch.zeros_like(e) for e in sd]
+    saved = [s.weight.detach().clone() for s in found]
+    try:
+        with torch.no_grad():
+            for _ in range(n_probes):
+                us = [torch.randn(a.shape, generator=generator).to(a.device) * e.unsqueeze(-1) for a, e in zip(a_dir, sd)]
+                _set_weights(found, saved, us, 1.0)
+                loss_plus = float(loss_fn())
+                _set_weights(found, saved, us, -1.0)
+                loss_minus = float(loss_fn())
+                dl = loss_plus - loss_minus
+                for i, (u, a, e) in enumerate(zip(us, a_dir, sd)):
+                    num[i] += dl * (u * a).sum(-1) / (2 * e * e)
+    finally:
+        with torch.no_grad():
+            for s, w0 in zip(found, saved):
+                s.weight.copy_(w0)
+    out = {}
+    for s, n_, a in zip(found, num, a_dir):
+        den = a.square().sum(-1)
+        out[s.name] = torch.where(den > 0, n_ / n_probes / den.clamp_min(torch.finfo(torch.float32).tiny),
+                                  torch.ones_like(den))
+    return out
 
 
 def data_probe(

@@ -31,7 +31,7 @@ from . import estimators
 from .kernels import estimators as fast
 from .site import sites
 
-ESTIMATORS = ("dither", "probe", "data_probe")
+ESTIMATORS = ("dither", "probe", "data_probe", "data_dither")
 STEP, RNG = "jacquant_step", "jacquant_rng"
 
 
@@ -40,14 +40,15 @@ class RefreshConfig:
     """How B is estimated and smoothed.
 
     Attributes:
-        estimator: ``"dither"`` (closed form), ``"probe"`` (sampled, closed form in expectation) or
-            ``"data_probe"`` (measures the loss; needs ``loss_fn`` in :func:`step`).
-        width: the estimator's width in scale units: Dither's h, Probe's δ_max, data Probe's δ.
+        estimator: ``"dither"`` (closed form), ``"probe"`` (sampled, closed form in expectation),
+            ``"data_probe"`` or ``"data_dither"`` (measure the loss; need ``loss_fn`` in :func:`step`).
+        width: the estimator's width in scale units: Dither's h, Probe's δ_max, data Probe's δ,
+            data Dither's σ.
         refresh_every: K, steps between refreshes (refresh at step 0, K, 2K, ...).
         beta: β, smoothing of B across refreshes (0 = take the new estimate).
         lam: λ, shrinkage of B̂ towards 1 (STE); 0 keeps B = 1.
         b_min, b_max: bounds of the clipped estimate.
-        n_probes: probes per refresh for ``"data_probe"``.
+        n_probes: probes per refresh for ``"data_probe"`` and ``"data_dither"``.
         seed: seed of the estimator's RNG (``"probe"``, ``"data_probe"``).
 
     Defaults from ``benchmarks/width_sweep.py`` (W2 g64 MLP distillation, 300 steps, 2 seeds): with
@@ -146,12 +147,13 @@ def refresh(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) ->
     state = state_of(model) or attach(model)
     c = state.config
     gen = state.generator()
-    if c.estimator == "data_probe":
+    if c.estimator in ("data_probe", "data_dither"):
         if loss_fn is None:
-            raise ValueError("RefreshConfig.estimator='data_probe' measures the loss: call "
+            raise ValueError(f"RefreshConfig.estimator={c.estimator!r} measures the loss: call "
                              "jacquant.step(model, loss_fn=lambda: loss_on_calibration_batch(model))")
+        fit = estimators.data_probe if c.estimator == "data_probe" else estimators.data_dither
         with torch.enable_grad():
-            b_hats = estimators.data_probe(loss_fn, model, c.width, c.n_probes, generator=gen)
+            b_hats = fit(loss_fn, model, c.width, c.n_probes, generator=gen)
     for s in sites(model):
         q = s.quantizer
         w = q.as_nk(s.weight.detach())
