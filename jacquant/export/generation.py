@@ -33,7 +33,7 @@ class Generation:
     decode_seconds: float
     decode_tokens_per_second: float
     stopped_by: str = "max_new_tokens"
-    timings: dict = field(default_factory=dict)
+    logits: list = field(default_factory=list)  # per new token, the logits [V] it was chosen from (keep_logits)
 
 
 def session(path: str, threads: Optional[int] = 2, options: Optional[dict] = None):
@@ -133,7 +133,8 @@ def next_token(logits: np.ndarray, rng: Optional[np.random.Generator], temperatu
 def generate(source: Union[str, os.PathLike, object], prompt: Union[str, list[int]], max_new_tokens: int = 64, *,
              tokenizer=None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              chat: bool = False, stream: Union[bool, Callable[[str], None]] = False, stop_at_eos: bool = True,
-             threads: Optional[int] = 2, session_options: Optional[dict] = None) -> Generation:
+             threads: Optional[int] = 2, session_options: Optional[dict] = None,
+             keep_logits: bool = False) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` with an exported KV-cache decoder.
 
     ``source``: the decoder's ONNX path (its tokenizer is loaded from the same folder), an
@@ -141,7 +142,7 @@ def generate(source: Union[str, os.PathLike, object], prompt: Union[str, list[in
     wraps text in the tokenizer's chat template as one user turn. ``temperature`` 0 is greedy;
     otherwise tokens are sampled (:func:`next_token`, ``seed``). ``stream`` True prints the text as
     it grows; a callable receives each new piece. Stops at an end-of-sequence id of the export
-    unless ``stop_at_eos`` is False.
+    unless ``stop_at_eos`` is False. ``keep_logits`` keeps each step's last logits in the result.
     """
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be at least 1")
@@ -171,7 +172,10 @@ def generate(source: Union[str, os.PathLike, object], prompt: Union[str, list[in
     shown = ""
     stopped = "max_new_tokens"
     decode, runs = 0.0, 0
+    kept: list = []
     token = next_token(logits[0, -1], rng, temperature, top_k, top_p)
+    if keep_logits:
+        kept.append(logits[0, -1].copy())
     while True:
         if token in eos:
             stopped = "eos"
@@ -190,11 +194,13 @@ def generate(source: Union[str, os.PathLike, object], prompt: Union[str, list[in
         decode += time.perf_counter() - t
         runs += 1
         token = next_token(logits[0, -1], rng, temperature, top_k, top_p)
+        if keep_logits:
+            kept.append(logits[0, -1].copy())
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else ""
     if emit is not None and tok is not None and len(text) > len(shown):
         emit(text[len(shown):])
     return Generation(text=text, token_ids=out, prompt_tokens=n, prefill_seconds=prefill, decode_seconds=decode,
-                      decode_tokens_per_second=runs / decode if decode > 0 else 0.0, stopped_by=stopped)
+                      decode_tokens_per_second=runs / decode if decode > 0 else 0.0, stopped_by=stopped, logits=kept[:len(out)])
 
 
 def _maybe_tokenizer(dec: Decoder):
