@@ -50,10 +50,13 @@ def test_greedy_32_tokens_match_converted_pytorch(tmp_path):
         assert r.prompt_tokens == len(prompt) and r.decode_tokens_per_second > 0
 
 
-def test_fp_model_batch_left_padding_and_cache_step():
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_fp_model_batch_left_padding_and_cache_step(attention):
     """fp32 weights, batch 2 with a left-padded row: prefill then one cached step equal HF with the same mask."""
+    from jacquant.export.decoder import export_decoder
+
     model = tiny_llama().eval()
-    proto = export_onnx(model, kv_cache=True, accuracy_level=0)
+    proto = export_decoder(model, accuracy_level=0, attention=attention)
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, 96, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)

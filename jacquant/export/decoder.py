@@ -49,6 +49,7 @@ OPSET = 23
 NEG = float(np.finfo(np.float32).min)
 SUPPORTED = ("llama", "mistral", "qwen2")  # RMSNorm + RoPE + GQA + SiLU-gated MLP, no q/k norms
 META_FILE = "jacquant_decoder.json"
+ATTENTION = ("gqa", "standard")
 
 
 @dataclass
@@ -190,9 +191,40 @@ def _rope_tables(model: nn.Module, head_dim: int, max_positions: int) -> tuple[n
     return cos[:, :half], sin[:, :half]
 
 
+def _standard_attention(g: "_Graph", p: str, q: str, k: str, v: str, past: list[str], present: list[str], heads: int,
+                        kv_heads: int, head_dim: int, cos_name: str, sin_name: str, bias: str) -> str:
+    """RoPE + softmax(q K^T / sqrt(d) + M) V in standard ops (plus RotaryEmbedding); context [B, S, H·d]."""
+    q = g.one("RotaryEmbedding", [q, "position_ids", cos_name, sin_name], p + ".self_attn.rope_q", domain=MS,
+              num_heads=heads, interleaved=0)
+    k = g.one("RotaryEmbedding", [k, "position_ids", cos_name, sin_name], p + ".self_attn.rope_k", domain=MS,
+              num_heads=kv_heads, interleaved=0)
+    q = g.one("Transpose", [g.one("Reshape", [q, g.const([0, 0, heads, head_dim])], p + ".q_4d")], p + ".q_bhsd",
+              perm=[0, 2, 1, 3])
+    q = g.one("Reshape", [q, g.const([0, kv_heads, -1, head_dim])], p + ".q_groups")  # [B, Hk, g·S, d]
+    kvs = []
+    for name, t, pa, pr in (("key", k, past[0], present[0]), ("value", v, past[1], present[1])):
+        t = g.one("Transpose", [g.one("Reshape", [t, g.const([0, 0, kv_heads, head_dim])], f"{p}.{name}_4d")],
+                  f"{p}.{name}_bhsd", perm=[0, 2, 1, 3])
+        g.nodes.append(helper.make_node("Concat", [pa, t], [pr], name=f"{p}.{name}_concat", axis=2))
+        kvs.append(pr)
+    kt = g.one("Transpose", [kvs[0]], p + ".key_t", perm=[0, 1, 3, 2])
+    scores = g.one("MatMul", [q, kt], p + ".scores")
+    scores = g.one("Mul", [scores, g.const(1.0 / np.sqrt(head_dim), np.float32)], p + ".scores_scaled")
+    scores = g.one("Add", [scores, bias], p + ".scores_masked")
+    probs = g.one("Softmax", [scores], p + ".probs", axis=-1)
+    o = g.one("MatMul", [probs, kvs[1]], p + ".context")  # [B, Hk, g·S, d]
+    o = g.one("Reshape", [o, g.const([0, heads, -1, head_dim])], p + ".context_heads")
+    o = g.one("Reshape", [g.one("Transpose", [o], p + ".context_bshd", perm=[0, 2, 1, 3]),
+                          g.const([0, 0, heads * head_dim])], p + ".context_flat")
+    return o
+
+
 def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optional[int] = None,
-                  head_group: int = 32, max_positions: Optional[int] = None) -> onnx.ModelProto:
+                  head_group: int = 32, max_positions: Optional[int] = None,
+                  attention: str = "gqa") -> onnx.ModelProto:
     """The KV-cache decoder graph (module docstring) of a full-precision, transformed or converted HF model."""
+    if attention not in ATTENTION:
+        raise ValueError(f"export_onnx: attention={attention!r} is not one of {ATTENTION}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"export_onnx: accuracy_level={accuracy_level} is not one of {ACCURACY_LEVELS}")
     if head_bits not in (None, 2, 4, 8):
@@ -221,7 +253,14 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
                 "mask_b11t")
     allowed = g.one("And", [causal, pad], "allowed")  # [B, 1, S, T]
     bias = g.one("Where", [allowed, g.const(0.0, np.float32), g.const(NEG, np.float32)], "mask_bias")
-    bias = g.one("Tile", [bias, g.const([1, 1, groups, 1])], "mask_bias_groups")  # [B, 1, groups·S, T]
+    mask4 = bias
+    if attention == "standard":
+        bias = g.one("Tile", [bias, g.const([1, 1, groups, 1])], "mask_bias_groups")  # [B, 1, groups·S, T]
+    else:  # GroupQueryAttention: every row's keys span the whole cache (padding is masked by mask4)
+        batch = g.one("Shape", ["input_ids"], "shape_B", start=0, end=1)
+        seqlens_k = g.one("Expand", [g.one("Cast", [g.one("Sub", [t_len, g.const(1)], "T_minus_1")], "T_minus_1_i32",
+                                           to=TensorProto.INT32), batch], "seqlens_k")
+        total_len = g.one("Cast", [t_len], "total_sequence_length", to=TensorProto.INT32)
     cos, sin = _rope_tables(model, head_dim, max_positions)
     cos_name, sin_name = g.init("rope.cos", cos), g.init("rope.sin", sin)
 
@@ -270,39 +309,35 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
                                        4, domain=MS, epsilon=eps)
         projections = [_linear(getattr(attn, n), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")]
         fused = _concat(projections)
+        qkv = None
         if len(fused) == 1:
             qkv = g.matmul(a, fused[0], p + ".self_attn.qkv_proj")
-            q, k, v = g.node("Split", [qkv, g.const([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])],
-                             p + ".self_attn.split", 3, axis=-1)
+            if attention == "standard":
+                q, k, v = g.node("Split", [qkv, g.const([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])],
+                                 p + ".self_attn.split", 3, axis=-1)
         else:
             q, k, v = (g.matmul(a, w, f"{p}.self_attn.{n}") for w, n in zip(projections, ("q_proj", "k_proj", "v_proj")))
-        q = g.one("RotaryEmbedding", [q, "position_ids", cos_name, sin_name], p + ".self_attn.rope_q", domain=MS,
-                  num_heads=heads, interleaved=0)
-        k = g.one("RotaryEmbedding", [k, "position_ids", cos_name, sin_name], p + ".self_attn.rope_k", domain=MS,
-                  num_heads=kv_heads, interleaved=0)
-        q = g.one("Transpose", [g.one("Reshape", [q, g.const([0, 0, heads, head_dim])], p + ".q_4d")], p + ".q_bhsd",
-                  perm=[0, 2, 1, 3])
-        q = g.one("Reshape", [q, g.const([0, kv_heads, -1, head_dim])], p + ".q_groups")  # [B, Hk, g·S, d]
-        kvs = []
-        for name, t in (("key", k), ("value", v)):
-            t = g.one("Transpose", [g.one("Reshape", [t, g.const([0, 0, kv_heads, head_dim])], f"{p}.{name}_4d")],
-                      f"{p}.{name}_bhsd", perm=[0, 2, 1, 3])
-            past = f"past_key_values.{i}.{name}"
-            present = f"present.{i}.{name}"
-            g.nodes.append(helper.make_node("Concat", [past, t], [present], name=f"{p}.{name}_concat", axis=2))
-            inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, [dyn["B"], kv_heads, dyn["P"], head_dim]))
-            outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT,
-                                                         [dyn["B"], kv_heads, dyn["T"], head_dim]))
-            kvs.append(present)
-        kt = g.one("Transpose", [kvs[0]], p + ".key_t", perm=[0, 1, 3, 2])
-        scores = g.one("MatMul", [q, kt], p + ".scores")
-        scores = g.one("Mul", [scores, g.const(1.0 / np.sqrt(head_dim), np.float32)], p + ".scores_scaled")
-        scores = g.one("Add", [scores, bias], p + ".scores_masked")
-        probs = g.one("Softmax", [scores], p + ".probs", axis=-1)
-        o = g.one("MatMul", [probs, kvs[1]], p + ".context")  # [B, Hk, g·S, d]
-        o = g.one("Reshape", [o, g.const([0, heads, -1, head_dim])], p + ".context_heads")
-        o = g.one("Reshape", [g.one("Transpose", [o], p + ".context_bshd", perm=[0, 2, 1, 3]),
-                              g.const([0, 0, heads * head_dim])], p + ".context_flat")
+        past = [f"past_key_values.{i}.{n}" for n in ("key", "value")]
+        present = [f"present.{i}.{n}" for n in ("key", "value")]
+        for pa, pr in zip(past, present):
+            inputs.append(helper.make_tensor_value_info(pa, TensorProto.FLOAT, [dyn["B"], kv_heads, dyn["P"], head_dim]))
+            outputs.append(helper.make_tensor_value_info(pr, TensorProto.FLOAT, [dyn["B"], kv_heads, dyn["T"], head_dim]))
+        if attention == "gqa":
+            if qkv is not None:
+                q, k, v = g.node("Split", [qkv, g.const([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])],
+                                 p + ".self_attn.split", 3, axis=-1)
+            q = g.one("RotaryEmbedding", [q, "position_ids", cos_name, sin_name], p + ".self_attn.rope_q", domain=MS,
+                      num_heads=heads, interleaved=0)
+            k = g.one("RotaryEmbedding", [k, "position_ids", cos_name, sin_name], p + ".self_attn.rope_k", domain=MS,
+                      num_heads=kv_heads, interleaved=0)
+            out = [p + ".self_attn.context"] + present
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", [q, k, v] + past + [seqlens_k, total_len, "", "", "", mask4],
+                out, name=p + ".self_attn.gqa", domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=0,
+                scale=float(1.0 / np.sqrt(head_dim))))
+            o = out[0]
+        else:
+            o = _standard_attention(g, p, q, k, v, past, present, heads, kv_heads, head_dim, cos_name, sin_name, bias)
         o = g.matmul(o, _linear(attn.o_proj, p + ".self_attn.o_proj"), p + ".self_attn.o_proj")
         m, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                    [o, residual, g.init(p + ".post_attention_layernorm", ln2)],
@@ -351,13 +386,13 @@ def decoder_metadata(model: nn.Module, head: Linear, accuracy_level: int) -> dic
 
 def export_decoder(model: nn.Module, path: Optional[str] = None, *, tokenizer=None, accuracy_level: int = 4,
                    head_bits: Optional[int] = None, head_group: int = 32,
-                   max_positions: Optional[int] = None) -> onnx.ModelProto:
+                   max_positions: Optional[int] = None, attention: str = "gqa") -> onnx.ModelProto:
     """Build the KV-cache decoder (module docstring), check it, write it to ``path`` with ``tokenizer``
     (and a ``jacquant_decoder.json``) saved in the same directory, and return it."""
     from .validate import check_onnx
 
     proto = build_decoder(model, accuracy_level=accuracy_level, head_bits=head_bits, head_group=head_group,
-                          max_positions=max_positions)
+                          max_positions=max_positions, attention=attention)
     check_onnx(proto, "export_onnx(kv_cache=True)")
     if path is not None:
         folder = os.path.dirname(os.path.abspath(path))

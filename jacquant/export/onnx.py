@@ -116,6 +116,7 @@ def export_onnx(
     tokenizer: Any = None,
     head_bits: Optional[int] = None,
     head_group: int = 32,
+    attention: str = "gqa",
 ) -> onnx.ModelProto:
     """Export a jacquant model with integer weights to ONNX; write it to ``path`` if given, return it.
 
@@ -133,7 +134,8 @@ def export_onnx(
     attention_mask, position_ids and past keys/values per layer, outputs logits and present
     keys/values; packed layers as MatMulNBits (target ``ort`` only), a full-precision model as fp32
     MatMul; ``tokenizer`` is saved beside ``path``; ``head_bits`` (2/4/8, blocks of ``head_group``)
-    quantizes a full-precision LM head (and its tied embedding) round-to-nearest. ``example_inputs``
+    quantizes a full-precision LM head (and its tied embedding) round-to-nearest; ``attention``
+    ``"gqa"`` (com.microsoft.GroupQueryAttention) or ``"standard"`` (MatMul/Softmax). ``example_inputs``
     is not used. Generate with :func:`jacquant.export.generate`.
     """
     if kv_cache:
@@ -144,7 +146,7 @@ def export_onnx(
         if not isinstance(model, nn.Module):
             raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
         return export_decoder(model, path, tokenizer=tokenizer, accuracy_level=accuracy_level, head_bits=head_bits,
-                              head_group=head_group)
+                              head_group=head_group, attention=attention)
     if example_inputs is None:
         raise ValueError("export_onnx: example_inputs are needed (a tensor, tuple of args or dict of kwargs) unless "
                          "kv_cache=True")
