@@ -1,52 +1,58 @@
-"""Learning-rate sweep of the LM track's QAT, judged on a tuning slice of the *training* text.
+"""Recipe sweep of the LM track (SmolLM2-135M W2 g64), judged on the tuning slice of the *training* text.
 
-Every method of ``jacquant run`` uses one learning rate; this picks it without looking at the
-validation split that the report's perplexities use: seed 0, the track's default budget, perplexity
-on windows from the last 1 MB of the training bytes (QAT samples 0.2 MB of the 10 MB at random).
+Picks the learning rate, the QAT loss (cross entropy or distillation from the fp model) and whether the
+tied embedding trains, without looking at the validation documents that the report's perplexities use:
+seed 0, perplexity on windows of the tuning slice (the last 5% of the training token stream, which QAT
+never samples; :func:`jacquant.app.lm_track.tokens`). Each configuration is ``method:loss:lr[:train-emb]``.
+The same rule for every method: the lowest tuning-slice perplexity wins.
 
-    python benchmarks/lr_sweep.py [--lrs 3e-4,1e-3,3e-3] [--methods ste,jacquant] [--steps 200]
+    python benchmarks/lr_sweep.py --configs ste:kd:1e-3,ste:ce:1e-3,jacquant:kd:1e-3 [--steps 30]
 """
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import replace
 
 import torch
 
 from jacquant.app import data, lm_track
+from jacquant.app.qat import RECIPES, quantize_copy, train
 from jacquant.config import QuantConfig
-from jacquant.app.qat import recipes, quantize_copy, train
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
-    ap.add_argument("--methods", default="ste,jacquant")
+    ap.add_argument("--configs", default="ste:kd:1e-3,ste:ce:1e-3,ste:kd:3e-3,ste:kd:3e-4,ste:kd:1e-3:train-emb")
     ap.add_argument("--steps", type=int, default=lm_track.DEFAULT.steps)
-    ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=16, help="tuning-slice windows of the track's eval_seq tokens")
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    text = data.load_corpus()
     budget = replace(lm_track.DEFAULT, steps=a.steps)
-    fp, _ = lm_track.pretrained(text, budget)
-    train_bytes = text.train_bytes
-    tune = lm_track.eval_windows(train_bytes[-1_000_000:], budget.eval_windows, budget.seq)
-    print(f"fp32 tuning-slice perplexity {lm_track.perplexity(fp, tune):.4f}")
-    lrs = [float(x) for x in a.lrs.split(",")]
-    table = {}
-    for recipe in recipes(a.methods.split(",")):
-        for lr in lrs:
-            torch.manual_seed(0)
-            model = quantize_copy(fp, recipe, QuantConfig(bits=a.bits, group=a.group))
-            batches = data.windows(train_bytes, budget.batch, budget.seq, budget.steps, 1)
-            train(model, recipe, batches, lm_track.lm_loss, budget.steps, lr, warmup=max(1, budget.steps // 20),
-                  desc=f"{recipe.name} lr {lr:g}")
-            table[recipe.name, lr] = lm_track.perplexity(model, tune)
-    print(f"\nW{a.bits} g{a.group}, {budget.steps} steps, seed 0: tuning-slice perplexity per byte")
-    print("| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
-    print("|---" * (len(lrs) + 1) + "|")
-    for name in a.methods.split(","):
-        print(f"| {name} | " + " | ".join(f"{table[name, lr]:.4f}" for lr in lrs) + " |")
+    fp, tok, _ = lm_track.load_fp()
+    toks = lm_track.tokens(data.load_corpus(), tok)
+    tune = lm_track.eval_windows(toks.tune, a.windows, budget.eval_seq)
+    fp_ppl = lm_track.perplexity(fp, tune)
+    rtn = quantize_copy(fp, RECIPES["rtn"], QuantConfig(bits=2, group=64))
+    rtn_ppl = lm_track.perplexity(rtn, tune)
+    del rtn
+    print(f"tuning slice: fp {fp_ppl:.3f}, rtn {rtn_ppl:.1f}; {a.steps} steps x {budget.batch} x {budget.seq} tokens")
+    print("| method | loss | lr | embedding | tuning-slice ppl | recovery | s |\n|---|---|---|---|---|---|---|")
+    for cfg in a.configs.split(","):
+        method, loss, lr, *rest = cfg.split(":")
+        t0 = time.perf_counter()
+        torch.manual_seed(a.seed)
+        model = quantize_copy(fp, RECIPES[method], QuantConfig(bits=2, group=64))
+        if "train-emb" not in rest:
+            lm_track.freeze_embedding(model)
+        batches = data.windows(toks.train, budget.batch, budget.seq, a.steps, a.seed + 1)
+        calib = next(data.windows(toks.train, budget.batch, budget.seq, 1, 10_000))
+        train(model, RECIPES[method], batches, lm_track.loss_fn(loss, fp), a.steps, float(lr), seed=a.seed,
+              warmup=max(1, a.steps // 20), calib_batch=calib, desc=cfg)
+        ppl = lm_track.perplexity(model, tune)
+        emb = "trained" if "train-emb" in rest else "frozen"
+        print(f"| {method} | {loss} | {lr} | {emb} | {ppl:.3f} | {lm_track.recovery(ppl, rtn_ppl, fp_ppl):.3f} | "
+              f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

