@@ -6,7 +6,8 @@ over seeds; :func:`verdict` answers the benchmark's question for one metric:
 
     Δ = mean_JacQuant − mean_baseline (signed so that > 0 means JacQuant is better)
     spread = max(std_JacQuant, std_baseline)
-    "beats" when Δ > spread, "loses" when −Δ > spread, else "within the seed spread".
+    "beats" when Δ > spread, "loses" when −Δ > spread, else "within the seed spread"; with one seed
+    only "ahead" or "behind", since there is no spread to judge by.
 """
 from __future__ import annotations
 
@@ -56,9 +57,12 @@ def verdict(summary: dict[str, dict], metric: str, method: str = "jacquant", bas
     a, b = summary[method][metric], summary[baseline][metric]
     delta = (a["mean"] - b["mean"]) * (1 if higher else -1)
     spread = max(a["std"], b["std"])
+    n = min(summary[method]["n"], summary[baseline]["n"])
     word = "beats" if delta > spread else "loses to" if -delta > spread else "is within the seed spread of"
+    if n < 2:
+        word = ("is ahead of" if delta > 0 else "is behind") + " (one seed: no spread to judge by)"
     return {"method": method, "baseline": baseline, "metric": metric, "delta": delta, "spread": spread,
-            "verdict": word, "n": min(summary[method]["n"], summary[baseline]["n"])}
+            "verdict": word, "n": n}
 
 
 def verdicts(summary: dict[str, dict[str, dict]], method: str = "jacquant") -> list[dict]:

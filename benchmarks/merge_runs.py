@@ -1,0 +1,57 @@
+"""Merge the rows of several ``jacquant run`` reports (e.g. seed 0, then seeds 1-2) into one table.
+
+Runs made with the same settings and different ``--seed`` values are the same experiment split in time;
+this writes their union as one report (mean ± std over all seeds, verdicts, paired differences to STE):
+
+    jacquant run --out runs/s0                       # the default: seed 0
+    jacquant run --seed 1 --seeds 2 --out runs/s12   # seeds 1 and 2
+    python benchmarks/merge_runs.py runs/s0 runs/s12 --out runs/merged
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from jacquant.app import report
+
+
+def paired_differences(rows: list[dict], metric: str = "ppl", baseline: str = "ste") -> str:
+    """Per seed, method − baseline on ``metric`` of the LM track (negative = lower perplexity than the baseline)."""
+    lm = [r for r in rows if r["track"] == "lm" and r["curve"]]
+    base = {r["seed"]: r["metrics"][metric] for r in lm if r["method"] == baseline}
+    methods = [m for m in dict.fromkeys(r["method"] for r in lm) if m != baseline]
+    seeds = sorted(base)
+    lines = [f"| method − {baseline} ({metric}) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (len(seeds) + 1) + "|"]
+    for m in methods:
+        vals = {r["seed"]: r["metrics"][metric] - base[r["seed"]] for r in lm if r["method"] == m and r["seed"] in base}
+        lines.append(f"| {m} | " + " | ".join(f"{vals[s]:+.3f}" if s in vals else "" for s in seeds) + " |")
+    return "\n".join(lines)
+
+
+def key(row: dict) -> tuple:
+    """Untrained rows (fp, RTN) are the same in every run: one of each; trained rows are per seed."""
+    return (row["track"], row["method"], row["seed"] if row["curve"] else None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories holding results.json")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    rows, metas = [], []
+    for d in a.runs:
+        with open(os.path.join(d, "results.json")) as f:
+            res = json.load(f)
+        metas.append(res["meta"])
+        seen = {key(r) for r in rows}
+        rows += [r for r in res["rows"] if key(r) not in seen]
+    meta = {**metas[0], "seeds": len({r["seed"] for r in rows if r["curve"]}), "merged_from": ", ".join(a.runs),
+            "seconds": round(sum(m["seconds"] for m in metas), 1)}
+    md, _ = report.write(a.out, rows, meta, extra_md="## Paired differences per seed\n\n" + paired_differences(rows) + "\n")
+    print(open(md).read())
+
+
+if __name__ == "__main__":
+    main()
