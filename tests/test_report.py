@@ -44,3 +44,26 @@ def test_write_produces_table_and_json(tmp_path):
     assert len(data["rows"]) == 9 and data["verdicts"][0]["verdict"] == "beats"
     assert all(math.isfinite(v[k]) for e in data["summary"]["lm"].values() for v in e.values()
                if isinstance(v, dict) for k in ("mean", "std"))
+
+
+def test_one_seed_is_never_called_a_win():
+    s = report.summarise([r for r in _rows() if r["seed"] == 0])["lm"]
+    v = report.verdict(s, "ppl", "jacquant", "ste")
+    assert v["n"] == 1 and np.isclose(v["delta"], 1.0)
+    assert v["verdict"] == "is ahead of (one seed: no spread to judge by)"
+
+
+def test_merge_runs_keeps_fp_and_rtn_once_and_pairs_seeds(tmp_path):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "merge_runs", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "merge_runs.py"))
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    fixed = [{"track": "lm", "method": m, "seed": s, "metrics": {"ppl": v}, "seconds": 0.0, "curve": [], "log": None}
+             for m, v, s in (("fp", 5.0, 0), ("rtn", 50.0, 0), ("rtn", 50.0, 1))]
+    rows = fixed[:2] + _rows() + fixed[2:]
+    assert [merge.key(r) for r in rows].count(("lm", "rtn", None)) == 2
+    table = merge.paired_differences(_rows())
+    assert "| jacquant | -1.000 | -1.100 | -1.100 |" in table
