@@ -19,7 +19,7 @@ weights are larger than this CPU's 32 MiB last-level cache, so the figures are c
     flock /tmp/jacquant-cpu.lock python benchmarks/export.py --sweep          # W2 configurations
     flock /tmp/jacquant-cpu.lock python benchmarks/export.py --micro          # one linear stack
 
-``--sweep`` times W2 block sizes 32/64/128, zero points or none (symmetric), accuracy levels 0/4.
+``--sweep`` times W2 and W4 block sizes 32/64/128, zero points or none (symmetric), accuracy levels 0/4.
 ``--micro`` is the old 3 x 4096 x 4096 linear stack, rotating among copies of the weights so that
 every figure reads at least ``--cold-mib`` MiB per pass (what a model larger than the cache sees).
 """
@@ -223,12 +223,14 @@ def llm(a) -> None:
         return build
 
     if a.sweep:
-        for group in (32, 64, 128):
-            for sym in (False, True):
-                variants.append((f"W2 g{group} {'sym' if sym else 'zp'} acc{a.accuracy_level}", f"RTN, {hb}",
-                                 exported(f"w2g{group}{sym}", lambda g=group, s=sym: rtn(model, 2, g, s))))
-        variants.append((f"W2 g{a.group} zp acc0", f"RTN, {hb}", exported("w2acc0", lambda: rtn(model, 2, a.group), 0)))
-        variants.insert(0, ("fp32", "fp32", exported("fp32", lambda: model, 0, None)))
+        variants.append(("fp32", "fp32", exported("fp32", lambda: model, 0, None)))
+        for bits in (2, 4):
+            for group in (32, 64, 128):
+                for sym in (False, True):
+                    variants.append((f"W{bits} g{group} {'sym' if sym else 'zp'} acc{a.accuracy_level}", f"RTN, {hb}",
+                                     exported(f"w{bits}g{group}{sym}", lambda b=bits, g=group, s=sym: rtn(model, b, g, s))))
+            variants.append((f"W{bits} g{a.group} zp acc0", f"RTN, {hb}",
+                             exported(f"w{bits}acc0", lambda b=bits: rtn(model, b, a.group), 0)))
     else:
         variants.append(("fp32", "fp32", exported("fp32", lambda: model, 0, None)))
         variants.append((f"jacquant W4 g{a.group}", f"RTN, {hb}", exported("w4", lambda: rtn(model, 4, a.group))))

@@ -13,8 +13,12 @@ Graph (B batch, S new tokens, P cached tokens, T = P + S, H heads, Hk key/value 
                   h = h + o·W_o^T ;  m = RMSNorm(h) ; g, u = m·W_gu^T ; h = h + (silu(g)·u)·W_down^T
     logits = RMSNorm(h)·W_head^T
 
-Grouped-query heads share a K/V head by reshaping q [B, H, S, d] to [B, Hk, (H/Hk)·S, d] (HF's
-repeat_kv order: query head j reads key/value head j // (H/Hk)), so no K/V copy is made.
+Attention: ``"gqa"`` (default) is one ``com.microsoft.GroupQueryAttention`` node per layer after
+``RotaryEmbedding`` of q and k at position_ids (GQA's own rotary ignores position_ids when decoding),
+with seqlens_k = T - 1 for every row and M as its attention_bias, so left-padded batches are exact.
+``"standard"`` spells it in MatMul/Softmax: grouped-query heads share a K/V head by reshaping q
+[B, H, S, d] to [B, Hk, (H/Hk)·S, d] (HF's repeat_kv order: query head j reads key/value head
+j // (H/Hk)), so no K/V copy is made.
 
 Weights: a packed layer of a jacquant-converted model goes out as ``com.microsoft.MatMulNBits`` with
 its codes, scales and zero points unchanged (W = s·(c - z), exact); a full-precision layer as MatMul
