@@ -187,6 +187,34 @@ def genai_runtime(folder: str, prompt: np.ndarray, new_tokens: int, reps: int, t
     return statistics.median(pre), statistics.median(dec)
 
 
+def profile_ops(path: str, shape: tuple, prompt: np.ndarray, new_tokens: int, threads: int) -> dict:
+    """Share of kernel time per op type, prefill and decode separately (onnxruntime's profiler)."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), phase)
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        run = Runner(sess, *shape)
+        logits, cache = run.run(prompt, 0, None)  # warm-up, not separable from the profile: counted per phase below
+        runs = 1
+        if phase == "decode":
+            for i in range(new_tokens):
+                logits, cache = run.run(np.array([[int(logits[0, -1].argmax())]]), prompt.shape[1] + i, cache)
+            runs = new_tokens
+        events = json.load(open(sess.end_profiling()))
+        per_run: dict = {}
+        kernel = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        if phase == "decode":  # drop the prefill run's nodes: the first len(kernel)/(runs+1)·1 events
+            kernel = kernel[len(kernel) // (runs + 1):]
+        for e in kernel:
+            op = e.get("args", {}).get("op_name", "?")
+            per_run[op] = per_run.get(op, 0.0) + e["dur"] / 1e3 / runs
+        out[phase] = dict(sorted(per_run.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def table(rows: list[tuple], base: dict, title: str) -> None:
     print(title)
     head = ("model", "weights", "size MiB", "prefill 128 s", "prefill tok/s", "vs fp32", "decode tok/s", "vs fp32",
@@ -256,6 +284,12 @@ def llm(a) -> None:
             base = {"pre": pre, "dec": dec}
         rows.append((label, what, file_size(path), pre, dec, ppl))
         print(f"  {label}: prefill {pre:.3f} s, decode {dec:.1f} tok/s, ppl {ppl:.2f}", file=sys.stderr, flush=True)
+        if a.profile:
+            prof = profile_ops(path, shape, prompt, a.new_tokens, a.threads)
+            for phase, ops in prof.items():
+                total = sum(ops.values())
+                print(f"  profile {label} {phase}: {total:.2f} ms of kernels per run; " + ", ".join(
+                    f"{k} {v / total:.0%}" for k, v in list(ops.items())[:6]))
         if label == "ort-genai int4":
             gp, gd = genai_runtime(os.path.dirname(path), prompt, a.new_tokens, a.reps, a.threads)
             rows.append(("ort-genai int4", "its own runtime (og.Generator)", file_size(path), gp, gd, None))
@@ -340,6 +374,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the exports here (default: a temporary directory)")
     ap.add_argument("--sweep", action="store_true", help="W2 block size / zero point / accuracy level configurations")
     ap.add_argument("--micro", action="store_true", help="the linear-stack micro benchmark instead")
+    ap.add_argument("--profile", action="store_true", help="print each row's kernel time per op type")
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--bits", type=int, default=2)

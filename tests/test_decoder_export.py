@@ -129,3 +129,28 @@ def test_refuses_unsupported_models():
         export_onnx(tiny_gpt2(), kv_cache=True)
     with pytest.raises(ValueError, match="target='ort'"):
         export_onnx(tiny_llama(), kv_cache=True, target="onnx")
+
+
+def _word_tokenizer():
+    """A 96-word whitespace tokenizer (w0 ... w94, [UNK]) for the tiny Llama."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(95)} | {"[UNK]": 95}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
+def test_cli_generate_streams_the_greedy_text(tmp_path, capsys):
+    """The tokenizer travels with the export; `jacquant generate` prints what PyTorch's greedy tokens decode to."""
+    from jacquant.app.cli import main
+
+    model, tok = _w2_model(), _word_tokenizer()
+    path = str(tmp_path / "w2.onnx")
+    export_onnx(model, path=path, kv_cache=True, tokenizer=tok, accuracy_level=0)
+    ref_ids, _ = _torch_greedy(model, [5, 17, 42], 8)
+    assert main(["generate", path, "--prompt", "w5 w17 w42", "--max-new-tokens", "8", "--threads", "1"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == tok.decode(ref_ids).strip()
+    assert "prefill" in out.err and "8 new tokens" in out.err
