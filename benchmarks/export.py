@@ -254,6 +254,10 @@ def llm(a) -> None:
         variants.append(("fp32", "fp32", exported("fp32", lambda: model, 0, None)))
         for bits in (2, 4):
             for group in (32, 64, 128):
+                if cfg.hidden_size % group:
+                    print(f"  W{bits} g{group}: skipped, {group} does not divide hidden size {cfg.hidden_size}",
+                          file=sys.stderr)
+                    continue
                 for sym in (False, True):
                     variants.append((f"W{bits} g{group} {'sym' if sym else 'zp'} acc{a.accuracy_level}", f"RTN, {hb}",
                                      exported(f"w{bits}g{group}{sym}", lambda b=bits, g=group, s=sym: rtn(model, b, g, s))))
