@@ -36,11 +36,15 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_greedy_32_tokens_match_converted_pytorch(tmp_path):
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_greedy_32_tokens_match_converted_pytorch(tmp_path, target):
+    """MatMulNBits + contrib ops (ort), or standard ops only (onnx: DequantizeLinear UINT2 + MatMul, opset 25)."""
     model = _w2_model()
     path = str(tmp_path / "w2.onnx")
-    export_onnx(model, path=path, kv_cache=True, accuracy_level=0)
-    dec = Decoder(path, threads=1)
+    proto = export_onnx(model, path=path, kv_cache=True, accuracy_level=0, target=target)
+    if target == "onnx":
+        assert {o.domain for o in proto.opset_import} == {""} and {n.domain for n in proto.graph.node} == {""}
+    dec = Decoder(path, threads=1, options={"session.qdq_matmulnbits_accuracy_level": 0})
     for prompt in PROMPTS:
         ref_ids, ref_logits = _torch_greedy(model, prompt, STEPS)
         r = generate(dec, prompt, STEPS, stop_at_eos=False, keep_logits=True)
@@ -127,8 +131,8 @@ def test_next_token_top_p_keeps_the_nucleus():
 def test_refuses_unsupported_models():
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         export_onnx(tiny_gpt2(), kv_cache=True)
-    with pytest.raises(ValueError, match="target='ort'"):
-        export_onnx(tiny_llama(), kv_cache=True, target="onnx")
+    with pytest.raises(ValueError, match="target='tflite'"):
+        export_onnx(tiny_llama(), kv_cache=True, target="tflite")
 
 
 def _word_tokenizer():

@@ -43,9 +43,10 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from ..convert import PackedWeight
-from ..packing import pack_codes, pack_zero_points
+from ..packing import pack_codes, pack_zero_points, unpack_codes
 from ..quantizer import init_minmax, quantize
 from ..site import WeightQuantizer
+from .lower import ONNX_INT_TYPES, _int_tensor
 from .onnx import ACCURACY_LEVELS, MAX_PROTO_BYTES, converted_copy
 
 MS = "com.microsoft"
@@ -121,7 +122,9 @@ def _concat(parts: list[Linear]) -> list[Linear]:
 class _Graph:
     """Accumulates nodes, initializers and unique names."""
 
-    def __init__(self, accuracy_level: int):
+    def __init__(self, accuracy_level: int, standard: bool = False):
+        self.standard = standard  # standard ops only: DequantizeLinear + MatMul, RMSNormalization, RotaryEmbedding
+        self.opset = OPSET
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
@@ -146,10 +149,43 @@ class _Graph:
             self._consts[key] = self.init(f"const/{len(self._consts)}", arr)
         return self._consts[key]
 
+    def dequantized_t(self, w: Linear, name: str) -> str:
+        """W^T [K, N] = DequantizeLinear(codes^T, s^T, z^T, axis 0, block G): UINT2 (opset 25) or UINT4 codes;
+        2-bit layers with N % 4 != 0 as UINT4 (onnxruntime 1.32 fuses those wrongly, see ``lower``)."""
+        codes = unpack_codes(torch.from_numpy(w.packed.copy()), w.bits, w.group)  # [N, K]
+        width = 4 if w.bits == 2 and w.n % 4 else w.bits
+        if width == 2:
+            self.opset = max(self.opset, 25)
+        qtype = ONNX_INT_TYPES[width]
+        wq = _int_tensor(codes.t().contiguous(), width, qtype, name + ".codes")
+        zq = _int_tensor(torch.from_numpy(w.zero_point.copy()).t().contiguous(), width, qtype, name + ".zero_points")
+        self.inits += [wq, zq]
+        sc = self.init(name + ".scales", np.ascontiguousarray(w.scale.astype(np.float32).T))
+        return self.one("DequantizeLinear", [wq.name, sc, zq.name], name + ".weight_t", axis=0, block_size=w.group)
+
+    def rms_norm(self, x: str, gamma: str, name: str, eps: float, skip: Optional[str] = None) -> tuple[str, str]:
+        """(RMSNorm(x + skip)·gamma, x + skip): SkipSimplifiedLayerNormalization, or Add + RMSNormalization."""
+        if skip is None:
+            return self.one("RMSNormalization", [x, gamma], name, axis=-1, epsilon=eps), x
+        if self.standard:
+            total = self.one("Add", [x, skip], name + "_residual")
+            return self.one("RMSNormalization", [total, gamma], name, axis=-1, epsilon=eps), total
+        y, _, _, total = self.node("SkipSimplifiedLayerNormalization", [x, skip, gamma], name, 4, domain=MS, epsilon=eps)
+        return y, total
+
+    def rope(self, x: str, cos: str, sin: str, heads: int, name: str) -> str:
+        """RotaryEmbedding of x [B, S, heads·d] at position_ids (non-interleaved halves, as HF Llama)."""
+        inputs = [x, cos, sin, "position_ids"] if self.standard else [x, "position_ids", cos, sin]
+        return self.one("RotaryEmbedding", inputs, name, domain="" if self.standard else MS, num_heads=heads,
+                        interleaved=0)
+
     def matmul(self, x: str, w: Linear, name: str, shared: Optional[dict] = None) -> str:
         """x [..., K] -> [..., N]; ``shared`` names already-written initializers to reuse."""
         if w.fp is not None:
             wt = shared["weight_t"] if shared else self.init(name + ".weight_t", w.fp.T)
+            y = self.one("MatMul", [x, wt], name)
+        elif self.standard:
+            wt = shared["weight_t"] if shared else self.dequantized_t(w, name)
             y = self.one("MatMul", [x, wt], name)
         else:
             if shared:
@@ -198,10 +234,8 @@ def _rope_tables(model: nn.Module, head_dim: int, max_positions: int) -> tuple[n
 def _standard_attention(g: "_Graph", p: str, q: str, k: str, v: str, past: list[str], present: list[str], heads: int,
                         kv_heads: int, head_dim: int, cos_name: str, sin_name: str, bias: str) -> str:
     """RoPE + softmax(q K^T / sqrt(d) + M) V in standard ops (plus RotaryEmbedding); context [B, S, H·d]."""
-    q = g.one("RotaryEmbedding", [q, "position_ids", cos_name, sin_name], p + ".self_attn.rope_q", domain=MS,
-              num_heads=heads, interleaved=0)
-    k = g.one("RotaryEmbedding", [k, "position_ids", cos_name, sin_name], p + ".self_attn.rope_k", domain=MS,
-              num_heads=kv_heads, interleaved=0)
+    q = g.rope(q, cos_name, sin_name, heads, p + ".self_attn.rope_q")
+    k = g.rope(k, cos_name, sin_name, kv_heads, p + ".self_attn.rope_k")
     q = g.one("Transpose", [g.one("Reshape", [q, g.const([0, 0, heads, head_dim])], p + ".q_4d")], p + ".q_bhsd",
               perm=[0, 2, 1, 3])
     q = g.one("Reshape", [q, g.const([0, kv_heads, -1, head_dim])], p + ".q_groups")  # [B, Hk, g·S, d]
@@ -225,8 +259,13 @@ def _standard_attention(g: "_Graph", p: str, q: str, k: str, v: str, past: list[
 
 def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optional[int] = None,
                   head_group: int = 32, max_positions: Optional[int] = None,
-                  attention: str = "gqa") -> onnx.ModelProto:
-    """The KV-cache decoder graph (module docstring) of a full-precision, transformed or converted HF model."""
+                  attention: str = "gqa", target: str = "ort") -> onnx.ModelProto:
+    """The KV-cache decoder graph (module docstring) of a full-precision, transformed or converted HF model;
+    ``target`` "onnx" uses standard ops only (opset 23, or 25 with 2-bit codes) and standard attention."""
+    if target not in ("ort", "onnx"):
+        raise ValueError(f"export_onnx: target={target!r} is not 'ort' or 'onnx'")
+    if target == "onnx":
+        attention = "standard"
     if attention not in ATTENTION:
         raise ValueError(f"export_onnx: attention={attention!r} is not one of {ATTENTION}")
     if accuracy_level not in ACCURACY_LEVELS:
@@ -242,7 +281,7 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
     groups = heads // kv_heads
     eps = float(cfg.rms_norm_eps)
     max_positions = max_positions or int(cfg.max_position_embeddings)
-    g = _Graph(accuracy_level)
+    g = _Graph(accuracy_level, standard=target == "onnx")
     dyn = {"B": "batch", "S": "sequence", "T": "total_sequence", "P": "past_sequence"}
 
     # masks and shapes, built once
@@ -275,7 +314,11 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
     head = _linear(head_mod, "lm_head")
     if head_bits is not None and head.fp is not None:
         head = rtn_linear(head.fp, head_bits, head_group)
-    if tied and head.fp is None and head.bias is None and head_bits is not None:
+    if tied and head.fp is None and head.bias is None and head_bits is not None and g.standard:
+        wt = g.dequantized_t(head, "lm_head")  # [D, V], fused into MatMulNBits by onnxruntime
+        shared_head = {"weight_t": wt}
+        h = g.one("Gather", [g.one("Transpose", [wt], "embed.weight", perm=[1, 0]), "input_ids"], "embed")
+    elif tied and head.fp is None and head.bias is None and head_bits is not None:
         b = g.init("lm_head.packed", head.packed)
         s = g.init("lm_head.scales", head.scale.astype(np.float32))
         z = g.init("lm_head.zero_points", pack_zero_points(torch.from_numpy(head.zero_point.copy()), head.bits).numpy())
@@ -304,13 +347,9 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
         ln1 = layer.input_layernorm.weight.detach().float().numpy()
         ln2 = layer.post_attention_layernorm.weight.detach().float().numpy()
         if residual is None:
-            a = g.one("RMSNormalization", [h, g.init(p + ".input_layernorm", ln1)], p + ".input_layernorm",
-                      axis=-1, epsilon=eps)
-            residual = h
+            a, residual = g.rms_norm(h, g.init(p + ".input_layernorm", ln1), p + ".input_layernorm", eps)
         else:
-            a, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
-                                       [mlp_out, residual, g.init(p + ".input_layernorm", ln1)], p + ".input_layernorm",
-                                       4, domain=MS, epsilon=eps)
+            a, residual = g.rms_norm(mlp_out, g.init(p + ".input_layernorm", ln1), p + ".input_layernorm", eps, residual)
         projections = [_linear(getattr(attn, n), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")]
         fused = _concat(projections)
         qkv = None
@@ -330,10 +369,8 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
             if qkv is not None:
                 q, k, v = g.node("Split", [qkv, g.const([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])],
                                  p + ".self_attn.split", 3, axis=-1)
-            q = g.one("RotaryEmbedding", [q, "position_ids", cos_name, sin_name], p + ".self_attn.rope_q", domain=MS,
-                      num_heads=heads, interleaved=0)
-            k = g.one("RotaryEmbedding", [k, "position_ids", cos_name, sin_name], p + ".self_attn.rope_k", domain=MS,
-                      num_heads=kv_heads, interleaved=0)
+            q = g.rope(q, cos_name, sin_name, heads, p + ".self_attn.rope_q")
+            k = g.rope(k, cos_name, sin_name, kv_heads, p + ".self_attn.rope_k")
             out = [p + ".self_attn.context"] + present
             g.nodes.append(helper.make_node(
                 "GroupQueryAttention", [q, k, v] + past + [seqlens_k, total_len, "", "", "", mask4],
@@ -343,9 +380,8 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
         else:
             o = _standard_attention(g, p, q, k, v, past, present, heads, kv_heads, head_dim, cos_name, sin_name, bias)
         o = g.matmul(o, _linear(attn.o_proj, p + ".self_attn.o_proj"), p + ".self_attn.o_proj")
-        m, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
-                                   [o, residual, g.init(p + ".post_attention_layernorm", ln2)],
-                                   p + ".post_attention_layernorm", 4, domain=MS, epsilon=eps)
+        m, residual = g.rms_norm(o, g.init(p + ".post_attention_layernorm", ln2), p + ".post_attention_layernorm", eps,
+                                 residual)
         gate_up = [_linear(mlp.gate_proj, p + ".mlp.gate_proj"), _linear(mlp.up_proj, p + ".mlp.up_proj")]
         fused = _concat(gate_up)
         if len(fused) == 1:
@@ -357,14 +393,13 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
         act = g.one("Mul", [act, up], p + ".mlp.gated")
         mlp_out = g.matmul(act, _linear(mlp.down_proj, p + ".mlp.down_proj"), p + ".mlp.down_proj")
     final = model.model.norm.weight.detach().float().numpy()
-    hn = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, g.init("norm", final)], "norm", 4, domain=MS,
-                epsilon=eps)[0]
+    hn = g.rms_norm(mlp_out, g.init("norm", final), "norm", eps, residual)[0]
     logits = g.matmul(hn, head, "lm_head", shared_head)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     graph = helper.make_graph(g.nodes, "jacquant_decoder", inputs, outputs, g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="jacquant")
-    proto.ir_version = 10
+    opsets = [helper.make_opsetid("", g.opset)] + ([] if g.standard else [helper.make_opsetid(MS, 1)])
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="jacquant")
+    proto.ir_version = 11 if g.opset >= 25 else 10
     meta = decoder_metadata(model, head, accuracy_level)
     helper.set_model_props(proto, {"jacquant.decoder": json.dumps(meta)})
     if proto.ByteSize() > MAX_PROTO_BYTES:
@@ -390,13 +425,14 @@ def decoder_metadata(model: nn.Module, head: Linear, accuracy_level: int) -> dic
 
 def export_decoder(model: nn.Module, path: Optional[str] = None, *, tokenizer=None, accuracy_level: int = 4,
                    head_bits: Optional[int] = None, head_group: int = 32,
-                   max_positions: Optional[int] = None, attention: str = "gqa") -> onnx.ModelProto:
+                   max_positions: Optional[int] = None, attention: str = "gqa",
+                   target: str = "ort") -> onnx.ModelProto:
     """Build the KV-cache decoder (module docstring), check it, write it to ``path`` with ``tokenizer``
     (and a ``jacquant_decoder.json``) saved in the same directory, and return it."""
     from .validate import check_onnx
 
     proto = build_decoder(model, accuracy_level=accuracy_level, head_bits=head_bits, head_group=head_group,
-                          max_positions=max_positions, attention=attention)
+                          max_positions=max_positions, attention=attention, target=target)
     check_onnx(proto, "export_onnx(kv_cache=True)")
     if path is not None:
         folder = os.path.dirname(os.path.abspath(path))

@@ -132,21 +132,19 @@ def export_onnx(
     ``kv_cache=True`` (Hugging Face Llama-family causal LMs) writes instead a decoder with a KV cache
     for generation, built node by node (:mod:`jacquant.export.decoder`): inputs input_ids,
     attention_mask, position_ids and past keys/values per layer, outputs logits and present
-    keys/values; packed layers as MatMulNBits (target ``ort`` only), a full-precision model as fp32
-    MatMul; ``tokenizer`` is saved beside ``path``; ``head_bits`` (2/4/8, blocks of ``head_group``)
-    quantizes a full-precision LM head (and its tied embedding) round-to-nearest; ``attention``
+    keys/values; packed layers as MatMulNBits (``ort``) or DequantizeLinear + MatMul with standard
+    norm/rotary/attention ops (``onnx``), a full-precision model as fp32 MatMul; ``tokenizer`` is
+    saved beside ``path``; ``head_bits`` (2/4/8, blocks of ``head_group``) quantizes a full-precision LM head (and its tied embedding) round-to-nearest; ``attention``
     ``"gqa"`` (com.microsoft.GroupQueryAttention) or ``"standard"`` (MatMul/Softmax). ``example_inputs``
     is not used. Generate with :func:`jacquant.export.generate`.
     """
     if kv_cache:
-        if target != "ort":
-            raise ValueError("export_onnx(kv_cache=True) writes MatMulNBits (target='ort') only")
         from .decoder import export_decoder
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
         return export_decoder(model, path, tokenizer=tokenizer, accuracy_level=accuracy_level, head_bits=head_bits,
-                              head_group=head_group, attention=attention)
+                              head_group=head_group, attention=attention, target=target)
     if example_inputs is None:
         raise ValueError("export_onnx: example_inputs are needed (a tensor, tuple of args or dict of kwargs) unless "
                          "kv_cache=True")
