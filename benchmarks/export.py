@@ -6,6 +6,8 @@ Rows (all KV-cache decoders on onnxruntime's CPU provider, ``--threads`` intra-o
   jacquant W4/W2  the model RTN-converted (jacquant.transform(..., init="minmax") + convert), or with
                   ``--model DIR`` the W2 row is a ``jacquant train --out DIR`` output; MatMulNBits,
                   LM head (tied to the embedding) RTN to ``--head-bits`` and shared with the embedding
+  ... std ops     the same W2 model as ``target="onnx"``: DequantizeLinear + MatMul and standard ops
+                  only, which onnxruntime fuses back to MatMulNBits (session.qdq_matmulnbits_accuracy_level 4)
   ort-genai int4  onnxruntime-genai's model builder (``-p int4 -e cpu``) on the same fp checkpoint,
                   timed with the same loop (and with onnxruntime-genai's own runtime, last row)
 
@@ -243,10 +245,11 @@ def llm(a) -> None:
     hb = f"head int{a.head_bits} g32" if a.head_bits else "head fp32"
     variants = []  # (label, weights, build() -> path, session options)
 
-    def exported(name, m, level=a.accuracy_level, head_bits=a.head_bits):
+    def exported(name, m, level=a.accuracy_level, head_bits=a.head_bits, target="ort"):
         def build():
             path = os.path.join(tmp, name, "model.onnx")
-            export_onnx(m(), path=path, kv_cache=True, tokenizer=tok, accuracy_level=level, head_bits=head_bits)
+            export_onnx(m(), path=path, kv_cache=True, tokenizer=tok, accuracy_level=level, head_bits=head_bits,
+                        target=target)
             return path
         return build
 
@@ -271,6 +274,8 @@ def llm(a) -> None:
                              exported("w2", lambda: load_trained(hf_dir, a.model)[0])))
         else:
             variants.append((f"jacquant W2 g{a.group}", f"RTN, {hb}", exported("w2", lambda: rtn(model, 2, a.group))))
+            variants.append((f"jacquant W2 g{a.group} standard ops", f"RTN, {hb}, DQ+MatMul",
+                             exported("w2std", lambda: rtn(model, 2, a.group), target="onnx")))
         if not a.no_genai:
             variants.append(("ort-genai int4", "builder -p int4 (g32 sym, head int4)",
                              lambda: build_genai(hf_dir, os.path.join(tmp, "genai_int4"))))
