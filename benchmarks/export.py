@@ -281,14 +281,18 @@ def llm(a) -> None:
                              lambda: build_genai(hf_dir, os.path.join(tmp, "genai_int4"))))
     rows, base = [], {}
     for label, what, build in variants:
-        path = build()
-        if path is None:
+        try:
+            path = build()
+            if path is None:
+                continue
+            sess = make_session(path, a.threads)
+            run = Runner(sess, *shape)
+            pre, dec = run.timings(prompt, a.new_tokens, a.reps)
+            ppl = run.perplexity(windows)
+            del sess, run
+        except Exception as e:  # one failing row must not lose the others' locked minutes
+            print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
             continue
-        sess = make_session(path, a.threads)
-        run = Runner(sess, *shape)
-        pre, dec = run.timings(prompt, a.new_tokens, a.reps)
-        ppl = run.perplexity(windows)
-        del sess, run
         if label == "fp32":
             base = {"pre": pre, "dec": dec}
         rows.append((label, what, file_size(path), pre, dec, ppl))
