@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     run.add_argument("--no-export", action="store_true", help="skip the ONNX export")
 
-    tr = sub.add_parser("train", help="2-bit QAT of your Hugging Face causal LM on your text files",
-                        description="QAT of a local Hugging Face causal LM (directory or a name in the local cache) on "
+    tr = sub.add_parser("train", help="2-bit QAT of your causal LM (.gguf or Hugging Face) on your text files",
+                        description="QAT of a causal LM (a .gguf file, a Hugging Face directory or a name in the local cache) on "
                                     "text files; writes the integer model, its settings and diagnostics to --out.")
     tr.add_argument("model", help="a .gguf file (or a directory holding one), a model directory, or a model name "
                                   "already in the local Hugging Face cache")
