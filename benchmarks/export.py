@@ -8,6 +8,7 @@ Rows (all KV-cache decoders on onnxruntime's CPU provider, ``--threads`` intra-o
                   LM head (tied to the embedding) RTN to ``--head-bits`` and shared with the embedding
   ... std ops     the same W2 model as ``target="onnx"``: DequantizeLinear + MatMul and standard ops
                   only, which onnxruntime fuses back to MatMulNBits (session.qdq_matmulnbits_accuracy_level 4)
+  ... zp folded   the same W2 model with fold_zero_points=True (symmetric MatMulNBits + exact correction)
   ort-genai int4  onnxruntime-genai's model builder (``-p int4 -e cpu``) on the same fp checkpoint,
                   timed with the same loop (and with onnxruntime-genai's own runtime, last row)
 
@@ -245,11 +246,11 @@ def llm(a) -> None:
     hb = f"head int{a.head_bits} g32" if a.head_bits else "head fp32"
     variants = []  # (label, weights, build() -> path, session options)
 
-    def exported(name, m, level=a.accuracy_level, head_bits=a.head_bits, target="ort"):
+    def exported(name, m, level=a.accuracy_level, head_bits=a.head_bits, target="ort", fold=False):
         def build():
             path = os.path.join(tmp, name, "model.onnx")
             export_onnx(m(), path=path, kv_cache=True, tokenizer=tok, accuracy_level=level, head_bits=head_bits,
-                        target=target)
+                        target=target, fold_zero_points=fold)
             return path
         return build
 
@@ -274,6 +275,8 @@ def llm(a) -> None:
                              exported("w2", lambda: load_trained(hf_dir, a.model)[0])))
         else:
             variants.append((f"jacquant W2 g{a.group}", f"RTN, {hb}", exported("w2", lambda: rtn(model, 2, a.group))))
+            variants.append((f"jacquant W2 g{a.group} zp folded", f"RTN, {hb}, fold_zero_points",
+                             exported("w2fold", lambda: rtn(model, 2, a.group), fold=True)))
             variants.append((f"jacquant W2 g{a.group} standard ops", f"RTN, {hb}, DQ+MatMul",
                              exported("w2std", lambda: rtn(model, 2, a.group), target="onnx")))
         if not a.no_genai:

@@ -36,12 +36,15 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("target", ["ort", "onnx"])
-def test_greedy_32_tokens_match_converted_pytorch(tmp_path, target):
-    """MatMulNBits + contrib ops (ort), or standard ops only (onnx: DequantizeLinear UINT2 + MatMul, opset 25)."""
+@pytest.mark.parametrize("target,fold", [("ort", False), ("ort", True), ("onnx", False)])
+def test_greedy_32_tokens_match_converted_pytorch(tmp_path, target, fold):
+    """MatMulNBits + contrib ops (ort; zero points in the kernel or folded into a per-block correction), or
+    standard ops only (onnx: DequantizeLinear UINT2 + MatMul, opset 25)."""
     model = _w2_model()
     path = str(tmp_path / "w2.onnx")
-    proto = export_onnx(model, path=path, kv_cache=True, accuracy_level=0, target=target)
+    proto = export_onnx(model, path=path, kv_cache=True, accuracy_level=0, target=target, fold_zero_points=fold)
+    if fold:
+        assert all(len(n.input) == 3 for n in proto.graph.node if n.op_type == "MatMulNBits")
     if target == "onnx":
         assert {o.domain for o in proto.opset_import} == {""} and {n.domain for n in proto.graph.node} == {""}
     dec = Decoder(path, threads=1, options={"session.qdq_matmulnbits_accuracy_level": 0})

@@ -122,7 +122,8 @@ def _concat(parts: list[Linear]) -> list[Linear]:
 class _Graph:
     """Accumulates nodes, initializers and unique names."""
 
-    def __init__(self, accuracy_level: int, standard: bool = False):
+    def __init__(self, accuracy_level: int, standard: bool = False, fold_zero_points: bool = False):
+        self.fold_zero_points = fold_zero_points
         self.standard = standard  # standard ops only: DequantizeLinear + MatMul, RMSNormalization, RotaryEmbedding
         self.opset = OPSET
         self.nodes: list[onnx.NodeProto] = []
@@ -188,17 +189,32 @@ class _Graph:
             wt = shared["weight_t"] if shared else self.dequantized_t(w, name)
             y = self.one("MatMul", [x, wt], name)
         else:
+            correction = None
             if shared:
                 b, s, z = shared["packed"], shared["scales"], shared["zero_points"]
             else:
                 b = self.init(name + ".packed", w.packed)
                 s = self.init(name + ".scales", w.scale.astype(np.float32))
                 z = ""
-                if not (w.zero_point == 1 << (w.bits - 1)).all():
+                mid = 1 << (w.bits - 1)
+                if (w.zero_point == mid).all():
+                    pass
+                elif self.fold_zero_points:
+                    # s(c - z) = s(c - m) + s(m - z): the kernel's default grid plus a per-block constant,
+                    # x·(s(m - z))^T = blocksum(x) · C^T with C = s(m - z) [N, K/G]
+                    c_t = (w.scale.astype(np.float32) * (mid - w.zero_point.astype(np.float32))).T
+                    xs = self.one("ReduceSum", [self.one("Reshape", [x, self.const([0, 0, w.k // w.group, w.group])],
+                                                         name + ".x_blocks"), self.const([-1])],
+                                  name + ".x_block_sums", keepdims=0)
+                    correction = self.one("MatMul", [xs, self.init(name + ".zero_point_term", c_t)],
+                                          name + ".zero_point_correction")
+                else:
                     z = self.init(name + ".zero_points",
                                   pack_zero_points(torch.from_numpy(w.zero_point.copy()), w.bits).numpy())
             y = self.one("MatMulNBits", [x, b, s] + ([z] if z else []), name, domain=MS, K=w.k, N=w.n, bits=w.bits,
                          block_size=w.group, accuracy_level=self.accuracy_level)
+            if correction is not None:
+                y = self.one("Add", [y, correction], name + "_zero_points")
         if w.bias is not None:
             y = self.one("Add", [y, self.init(name + ".bias", w.bias)], name + "_bias")
         return y
@@ -259,9 +275,12 @@ def _standard_attention(g: "_Graph", p: str, q: str, k: str, v: str, past: list[
 
 def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optional[int] = None,
                   head_group: int = 32, max_positions: Optional[int] = None,
-                  attention: str = "gqa", target: str = "ort") -> onnx.ModelProto:
+                  attention: str = "gqa", target: str = "ort",
+                  fold_zero_points: bool = False) -> onnx.ModelProto:
     """The KV-cache decoder graph (module docstring) of a full-precision, transformed or converted HF model;
-    ``target`` "onnx" uses standard ops only (opset 23, or 25 with 2-bit codes) and standard attention."""
+    ``target`` "onnx" uses standard ops only (opset 23, or 25 with 2-bit codes) and standard attention.
+    ``fold_zero_points`` writes MatMulNBits without zero points (the kernel's symmetric grid m = 2^(b-1))
+    plus the exact correction blocksum(x)·(s(m - z))^T (a [.., K/G] x [K/G, N] MatMul)."""
     if target not in ("ort", "onnx"):
         raise ValueError(f"export_onnx: target={target!r} is not 'ort' or 'onnx'")
     if target == "onnx":
@@ -281,7 +300,7 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
     groups = heads // kv_heads
     eps = float(cfg.rms_norm_eps)
     max_positions = max_positions or int(cfg.max_position_embeddings)
-    g = _Graph(accuracy_level, standard=target == "onnx")
+    g = _Graph(accuracy_level, standard=target == "onnx", fold_zero_points=fold_zero_points)
     dyn = {"B": "batch", "S": "sequence", "T": "total_sequence", "P": "past_sequence"}
 
     # masks and shapes, built once
@@ -314,10 +333,9 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
     head = _linear(head_mod, "lm_head")
     if head_bits is not None and head.fp is not None:
         head = rtn_linear(head.fp, head_bits, head_group)
-    if tied and head.fp is None and head.bias is None and head_bits is not None and g.standard:
-        wt = g.dequantized_t(head, "lm_head")  # [D, V], fused into MatMulNBits by onnxruntime
-        shared_head = {"weight_t": wt}
-        h = g.one("Gather", [g.one("Transpose", [wt], "embed.weight", perm=[1, 0]), "input_ids"], "embed")
+    if g.standard:  # the embedding keeps its own fp32 table: a dequantized one would be recomputed every run
+        shared_head = None
+        h = g.one("Gather", [g.init("embed.weight", emb), "input_ids"], "embed")
     elif tied and head.fp is None and head.bias is None and head_bits is not None:
         b = g.init("lm_head.packed", head.packed)
         s = g.init("lm_head.scales", head.scale.astype(np.float32))
@@ -426,13 +444,14 @@ def decoder_metadata(model: nn.Module, head: Linear, accuracy_level: int) -> dic
 def export_decoder(model: nn.Module, path: Optional[str] = None, *, tokenizer=None, accuracy_level: int = 4,
                    head_bits: Optional[int] = None, head_group: int = 32,
                    max_positions: Optional[int] = None, attention: str = "gqa",
-                   target: str = "ort") -> onnx.ModelProto:
+                   target: str = "ort", fold_zero_points: bool = False) -> onnx.ModelProto:
     """Build the KV-cache decoder (module docstring), check it, write it to ``path`` with ``tokenizer``
     (and a ``jacquant_decoder.json``) saved in the same directory, and return it."""
     from .validate import check_onnx
 
     proto = build_decoder(model, accuracy_level=accuracy_level, head_bits=head_bits, head_group=head_group,
-                          max_positions=max_positions, attention=attention, target=target)
+                          max_positions=max_positions, attention=attention, target=target,
+                          fold_zero_points=fold_zero_points)
     check_onnx(proto, "export_onnx(kv_cache=True)")
     if path is not None:
         folder = os.path.dirname(os.path.abspath(path))

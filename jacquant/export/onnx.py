@@ -117,6 +117,7 @@ def export_onnx(
     head_bits: Optional[int] = None,
     head_group: int = 32,
     attention: str = "gqa",
+    fold_zero_points: bool = False,
 ) -> onnx.ModelProto:
     """Export a jacquant model with integer weights to ONNX; write it to ``path`` if given, return it.
 
@@ -135,7 +136,9 @@ def export_onnx(
     keys/values; packed layers as MatMulNBits (``ort``) or DequantizeLinear + MatMul with standard
     norm/rotary/attention ops (``onnx``), a full-precision model as fp32 MatMul; ``tokenizer`` is
     saved beside ``path``; ``head_bits`` (2/4/8, blocks of ``head_group``) quantizes a full-precision LM head (and its tied embedding) round-to-nearest; ``attention``
-    ``"gqa"`` (com.microsoft.GroupQueryAttention) or ``"standard"`` (MatMul/Softmax). ``example_inputs``
+    ``"gqa"`` (com.microsoft.GroupQueryAttention) or ``"standard"`` (MatMul/Softmax);
+    ``fold_zero_points`` moves zero points out of MatMulNBits into an exact per-block correction
+    (see :func:`jacquant.export.decoder.build_decoder`). ``example_inputs``
     is not used. Generate with :func:`jacquant.export.generate`.
     """
     if kv_cache:
@@ -144,7 +147,8 @@ def export_onnx(
         if not isinstance(model, nn.Module):
             raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
         return export_decoder(model, path, tokenizer=tokenizer, accuracy_level=accuracy_level, head_bits=head_bits,
-                              head_group=head_group, attention=attention, target=target)
+                              head_group=head_group, attention=attention, target=target,
+                              fold_zero_points=fold_zero_points)
     if example_inputs is None:
         raise ValueError("export_onnx: example_inputs are needed (a tensor, tuple of args or dict of kwargs) unless "
                          "kv_cache=True")
