@@ -161,3 +161,29 @@ def test_cli_generate_streams_the_greedy_text(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out.strip() == tok.decode(ref_ids).strip()
     assert "prefill" in out.err and "8 new tokens" in out.err
+
+
+def test_cli_export_kv_cache_of_a_trained_directory(tmp_path, capsys):
+    """`jacquant export MODEL --out DIR --kv-cache` on a `train`-style output, then `jacquant generate`."""
+    import json
+
+    from jacquant.app.cli import main
+
+    model_dir, out = tmp_path / "tiny", tmp_path / "trained"
+    fp, tok = tiny_llama().eval(), _word_tokenizer()
+    fp.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    model = tiny_llama().eval()
+    model.load_state_dict(fp.state_dict())
+    jacquant.transform(model, bits=2, group=32, method="ste", init="minmax")
+    jacquant.convert(model)
+    out.mkdir()
+    jacquant.save_converted(model, str(out / "model.safetensors"))
+    (out / "jacquant.json").write_text(json.dumps({"bits": 2}))
+    onnx_file = str(tmp_path / "dec" / "model.onnx")
+    assert main(["export", str(model_dir), "--out", str(out), "--onnx", onnx_file, "--kv-cache",
+                 "--accuracy-level", "0"]) == 0
+    capsys.readouterr()
+    ref_ids, _ = _torch_greedy(model, [7, 3, 11], 6)
+    assert main(["generate", onnx_file, "--prompt", "w7 w3 w11", "--max-new-tokens", "6", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.strip() == tok.decode(ref_ids).strip()
