@@ -36,11 +36,19 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.fixture(scope="module")
+def w2_reference():
+    """The converted W2 tiny Llama and its PyTorch greedy tokens/logits per prompt (computed once)."""
+    torch.manual_seed(0)
+    model = _w2_model()
+    return model, {tuple(p): _torch_greedy(model, p, STEPS) for p in PROMPTS}
+
+
 @pytest.mark.parametrize("target,fold", [("ort", False), ("ort", True), ("onnx", False)])
-def test_greedy_32_tokens_match_converted_pytorch(tmp_path, target, fold):
+def test_greedy_32_tokens_match_converted_pytorch(tmp_path, target, fold, w2_reference):
     """MatMulNBits + contrib ops (ort; zero points in the kernel or folded into a per-block correction), or
     standard ops only (onnx: DequantizeLinear UINT2 + MatMul, opset 25)."""
-    model = _w2_model()
+    model, reference = w2_reference
     path = str(tmp_path / "w2.onnx")
     proto = export_onnx(model, path=path, kv_cache=True, accuracy_level=0, target=target, fold_zero_points=fold)
     if fold:
@@ -49,7 +57,7 @@ def test_greedy_32_tokens_match_converted_pytorch(tmp_path, target, fold):
         assert {o.domain for o in proto.opset_import} == {""} and {n.domain for n in proto.graph.node} == {""}
     dec = Decoder(path, threads=1, options={"session.qdq_matmulnbits_accuracy_level": 0})
     for prompt in PROMPTS:
-        ref_ids, ref_logits = _torch_greedy(model, prompt, STEPS)
+        ref_ids, ref_logits = reference[tuple(prompt)]
         r = generate(dec, prompt, STEPS, stop_at_eos=False, keep_logits=True)
         assert r.token_ids == ref_ids
         errs = [_rel(a, b) for a, b in zip(r.logits, ref_logits)]
