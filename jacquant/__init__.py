@@ -2,6 +2,7 @@
 from . import optim
 from .api import summary, transform
 from .checkpoint import load_checkpoint, save_checkpoint
+from .compile import compile_blocks
 from .config import QuantConfig
 from .convert import convert, load_converted, save_converted
 from .faults import NonFiniteError, check_finite, guard
@@ -15,6 +16,7 @@ __all__ = [
     "save_converted", "sites", "stats", "step", "summary", "transform",
 ]
 __all__ += ["NonFiniteError", "check_finite", "guard"]
+__all__ += ["compile_blocks"]
 __version__ = "0.1.0"
 
 _LAZY = {"export_onnx": ".export", "plot": ".plot"}  # need onnx / matplotlib: imported on first use
