@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from jacquant.app import report
+from jacquant.app import lm_track, report
 
 
 def paired_differences(rows: list[dict], metric: str = "ppl", baseline: str = "ste") -> str:
@@ -47,6 +47,12 @@ def main() -> None:
         metas.append(res["meta"])
         seen = {key(r) for r in rows}
         rows += [r for r in res["rows"] if key(r) not in seen]
+    fp = [r["metrics"]["ppl"] for r in rows if r["track"] == "lm" and r["method"] == "fp"]
+    rtn = [r["metrics"]["ppl"] for r in rows if r["track"] == "lm" and r["method"] == "rtn"]
+    if fp and rtn:  # runs without an RTN row lack the recovery: computed here from the merged fp and RTN
+        for r in rows:
+            if r["track"] == "lm" and r["method"] != "fp":
+                r["metrics"]["recovery"] = lm_track.recovery(r["metrics"]["ppl"], rtn[0], fp[0])
     meta = {**metas[0], "seeds": len({r["seed"] for r in rows if r["curve"]}), "merged_from": ", ".join(a.runs),
             "seconds": round(sum(m["seconds"] for m in metas), 1)}
     md, _ = report.write(a.out, rows, meta, extra_md="## Paired differences per seed\n\n" + paired_differences(rows) + "\n")
