@@ -52,3 +52,29 @@ def test_unknown_rule_is_refused():
     w, s, z, B, gq = _layer(2, 32, torch.float32)
     with pytest.raises(ValueError, match="unknown backward rule"):
         ft.fake_quant_backward(gq, w, s, z, B, 2, 32, "lsq", 0.0)
+
+
+def test_fused_cpu_kernels_equal_the_reference():
+    """The eager fused path (the torch path compiled alone): Q and dL/dW bit for bit, dL/ds to a few ulp."""
+    from jacquant.kernels import fused_cpu
+
+    w, s, z, B, gq = _layer(2, 32, torch.float32)
+    assert fused_cpu.usable(w, s, z)
+    _bits_equal(fused_cpu.fake_quant_forward(w, s, z, 2, 32), fake_quantize(w, s, z, 2, 32))
+    gw, gs = fused_cpu.fake_quant_backward(gq, w, s, z, B, 2, 32, "jacquant", 0.0)
+    _bits_equal(gw, weight_grad(gq, w, s, z, B, 2, 32, "jacquant", 0.0))
+    ref = lsq_scale_grad(gq, w, s, z, 2, 32)
+    torch.testing.assert_close(gs, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+    assert not fused_cpu._state["failed"]
+
+
+def test_fused_cpu_path_is_not_used_while_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from jacquant.kernels import fused_cpu
+
+    w = torch.randn(4, 32)
+    with FakeTensorMode():
+        assert not fused_cpu.usable(torch.empty(4, 32))
+    assert not fused_cpu.usable(w.to("meta"))
+    assert fused_cpu.usable(w, None)

@@ -2,7 +2,7 @@
 
 The torch reference is the pure math of :mod:`jacquant.quantizer` and :mod:`jacquant.surrogates`;
 every other device runs :mod:`jacquant.kernels.fake_quant_torch` (the same operations, in place, equal
-bit for bit). The Triton kernels below run for CUDA tensors and are tested against the reference (on CPU under
+bit for bit), for plain CPU tensors in eager compiled alone into one fused loop (:mod:`jacquant.kernels.fused_cpu`). The Triton kernels below run for CUDA tensors and are tested against the reference (on CPU under
 ``TRITON_INTERPRET=1``). Both kernels view a contiguous W [N, K] as R = N·K/G group rows of G
 entries, so each program owns whole groups and the per-group reduction of LSQ's scale gradient
 needs no atomics:
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import quantizer, surrogates
 from ..quantizer import SCALE_FLOOR, group_size, qmax
-from . import fake_quant_torch
+from . import fake_quant_torch, fused_cpu
 from .triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
 
 RULE_IDS = {"ste": 0, "jacquant": 1, "stableqat": 2}
@@ -47,6 +47,8 @@ def fake_quant_forward(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, 
     """Q(w) = s · (clamp(round(w/s + z), 0, 2^b - 1) - z), [N, K] in w's dtype."""
     if use_triton(w, scale, zero_point):
         return fake_quant_forward_triton(w, scale, zero_point, bits, group)[0]
+    if fused_cpu.usable(w, scale, zero_point):
+        return fused_cpu.fake_quant_forward(w, scale, zero_point, bits, group)
     return fake_quant_torch.fake_quant_forward(w, scale, zero_point, bits, group)
 
 
@@ -57,6 +59,8 @@ def fake_quant_backward(
     """(dL/dw, dL/ds): the surrogate weight gradient f·m·dL/dq and LSQ's scale gradient."""
     if use_triton(grad_q, w, scale, zero_point, jac):
         return fake_quant_backward_triton(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
+    if fused_cpu.usable(grad_q, w, scale, zero_point, jac):
+        return fused_cpu.fake_quant_backward(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
     return fake_quant_torch.fake_quant_backward(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
 
 
