@@ -52,7 +52,8 @@ def load(name: str):
     from jacquant.app.workflow import load_model
 
     model, _ = load_model(smollm2_path())
-    return model, model.config.vocab_size, lambda m, idx: m(input_ids=idx, labels=idx).loss
+    # use_cache=False, as in training: a KV cache object differs per layer and defeats regional reuse
+    return model, model.config.vocab_size, lambda m, idx: m(input_ids=idx, labels=idx, use_cache=False).loss
 
 
 class Variant:

@@ -17,6 +17,7 @@ is identical to one shared function first; the behaviour of each module is uncha
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any
 
 import torch.nn as nn
@@ -72,7 +73,11 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     Works on a plain or a :func:`jacquant.transform`-ed model (rewritten forwards are shared first, see
     :func:`share_rewritten_forwards`); call it after ``transform`` and before training. Forward and
     backward of the blocks run compiled; the embedding, final norm, head and loss run eagerly.
-    Returns ``model``. To undo, ``torch.compiler.set_stance("force_eager")`` runs everything eagerly.
+    Returns ``model``. ``torch.compiler.set_stance("force_eager")`` runs everything eagerly again.
+
+    Hugging Face models: train with ``use_cache=False`` (a KV cache holds per-layer state that the
+    compiled block guards on, so each layer would recompile); a warning says so when
+    ``model.config.use_cache`` is True.
 
     Example::
 
@@ -81,6 +86,10 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     """
     share_rewritten_forwards(model)
     _, blocks = repeated_blocks(model)
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        warnings.warn(f"{type(model).__name__}.config.use_cache is True: call the model with use_cache=False when "
+                      "training (or set model.config.use_cache = False), else its KV cache differs per layer and "
+                      "every block recompiles", UserWarning, stacklevel=2)
     for block in blocks:
         block.compile(**options)
     return model
