@@ -15,11 +15,11 @@ same three models:
 compile caches are disabled so that it is the cost a first run pays. "peak MiB" is the largest
 amount of tensor memory alive during one eager step: the state (parameters, buffers, AdamW state)
 plus the highest point of the step's allocations as torch.profiler records them (CPU allocator
-events, not RSS). The B refresh of jacquant (dither, every K = 100 steps) is timed on its own and
+events, not RSS); on CUDA torch.cuda.max_memory_allocated over one step. The B refresh of jacquant (dither, every K = 100 steps) is timed on its own and
 shown amortised.
 
     python benchmarks/overhead.py [--model smollm2|tiny] [--rounds 3] [--steps 2] [--compile whole,regional]
-                                  [--no-compile]
+                                  [--no-compile] [--device cuda --autocast bf16]
 """
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ class Variant:
 
     def __init__(self, args, method: str):
         self.model, self.vocab, self.loss = load(args.model)
-        self.method = method
+        self.model.to(args.device)
+        self.method, self.device = method, args.device
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
         if method != "fp32":
             jacquant.transform(self.model, bits=args.bits, group=args.group, method=method)
         if method == "jacquant":
@@ -70,11 +72,15 @@ class Variant:
         self.fwd = self.model
 
     def step(self, idx) -> None:
-        self.loss(self.fwd, idx).backward()
+        with torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.loss(self.fwd, idx)
+        loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.method == "jacquant":
             refresh.step(self.model)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
     def state_bytes(self) -> int:
         """Bytes of parameters, buffers and optimizer state (each storage once)."""
@@ -90,6 +96,10 @@ class Variant:
 
     def peak_bytes(self, idx) -> int:
         """State + the highest point of one step's live allocations (torch.profiler memory events)."""
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.step(idx)
+            return torch.cuda.max_memory_allocated()
         base = self.state_bytes()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as p:
             self.step(idx)
@@ -135,6 +145,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype of the step")
     ap.add_argument("--compile", default="whole,regional",
                     help="compile modes after eager, comma-separated, whole before regional")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
@@ -151,7 +163,7 @@ def main() -> None:
     variants = {m: Variant(a, m) for m in METHODS}
     print(f"built {', '.join(variants)} in {time.perf_counter() - t0:.0f} s", flush=True)
     vocab = variants["fp32"].vocab
-    idx = torch.randint(0, vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(0)).to(a.device)
 
     rows: dict[str, dict[str, float]] = {}
     compile_s: dict[str, dict[str, float]] = {}
@@ -185,7 +197,9 @@ def main() -> None:
     amort = statistics.median(ref_t) / k
 
     name = "SmolLM2-135M" if a.model == "smollm2" else "TinyGPT"
-    print(f"\n{name}, batch {a.batch}x{a.seq}, W{a.bits} g{a.group}, AdamW, CPU {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU {torch.get_num_threads()} threads"
+    amp = "" if a.autocast == "none" else f", {a.autocast} autocast"
+    print(f"\n{name}, batch {a.batch}x{a.seq}, W{a.bits} g{a.group}, AdamW, {where}{amp}, "
           f"torch {torch.__version__}; {a.rounds} interleaved rounds x {a.steps} steps, median ms/step")
     print(f"{'mode':<9} {'variant':<9} {'ms/step':>9} {'vs fp32':>8} {'compile s':>10} {'peak MiB':>9} {'vs fp32':>8}")
     for mode, med in rows.items():
