@@ -92,7 +92,7 @@ def run_accuracy(
         best = best_trained(lm_rows, kept)
         if export and best:
             with timed(f"lm: export {best} to ONNX, its onnxruntime perplexity"):
-                onnx_info = export_best(best, kept[best], toks, budget, bits, out_dir, log)
+                onnx_info = export_best(best, kept[best], tok, toks, budget, bits, out_dir, log)
         if best:
             with timed("lm: greedy generations"):
                 generations = lm_generations(fp, kept, best, tok, budget, onnx_info)
@@ -130,8 +130,8 @@ def best_trained(rows: list[dict], kept: dict) -> Optional[str]:
     return min(trained, key=lambda m: trained[m]["ppl"]["mean"]) if trained else None
 
 
-def export_best(best: str, model: torch.nn.Module, toks: lm_track.Tokens, budget: lm_track.Budget, bits: int,
-                out_dir: str, log=print) -> dict:
+def export_best(best: str, model: torch.nn.Module, tokenizer, toks: lm_track.Tokens, budget: lm_track.Budget,
+                bits: int, out_dir: str, log=print) -> dict:
     """Export the best trained model (its first seed) and compare onnxruntime's perplexity with PyTorch's
     on the held-out windows."""
     from ..export import export_onnx
@@ -139,9 +139,9 @@ def export_best(best: str, model: torch.nn.Module, toks: lm_track.Tokens, budget
     model = model.cpu()  # onnxruntime runs on the CPU here; compare on the same device
     windows = lm_track.eval_windows(toks.valid, budget.eval_windows, budget.eval_seq)
     path = os.path.join(out_dir, f"lm-{best}-w{bits}.onnx")
-    target = "ort"  # MatMulNBits; 3-bit codes are widened to 4-bit storage (same values)
-    log(f"exporting the best 2-bit LM ({best}) to {path}")
-    export_onnx(model, (windows[:2, :-1],), path, target=target, accuracy_level=4, widen_bits=bits == 3)
+    target = "ort"  # MatMulNBits
+    log(f"exporting the best 2-bit LM ({best}) to {path} (KV-cache decoder, tokenizer beside it)")
+    export_onnx(model, path=path, kv_cache=True, tokenizer=tokenizer, target=target, accuracy_level=4)
     torch_ppl = lm_track.perplexity(model, windows)
     ort_ppl = lm_track.onnx_perplexity(path, windows)
     return {"method": best, "path": path, "target": target, "accuracy_level": 4, "torch_ppl": torch_ppl,
@@ -153,7 +153,8 @@ def _onnx_md(info: dict) -> str:
         return ""
     return ("## Exported integer model\n\n"
             f"The best trained LM ({info['method']}) exported to `{os.path.basename(info['path'])}` "
-            f"({info['mib']:.2f} MiB, target {info['target']}, MatMulNBits accuracy_level {info['accuracy_level']}):\n\n"
+            f"({info['mib']:.2f} MiB, a KV-cache decoder with its tokenizer beside it, MatMulNBits accuracy_level "
+            f"{info['accuracy_level']}; `jacquant generate {os.path.basename(info['path'])} --prompt ...` runs it):\n\n"
             "| runtime | held-out perplexity |\n|---|---|\n"
             f"| PyTorch (fake quant) | {info['torch_ppl']:.4f} |\n| onnxruntime | {info['onnxruntime_ppl']:.4f} |\n\n")
 
@@ -171,7 +172,7 @@ def lm_generations(fp: torch.nn.Module, kept: dict, best: str, tok, budget: lm_t
         out["rtn"] = lm_track.greedy(kept["rtn"], tok, lm_track.PROMPTS, n)
     out[f"{best} (PyTorch)"] = lm_track.greedy(kept[best], tok, lm_track.PROMPTS, n)
     if onnx_info:
-        out[f"{best} (onnxruntime)"] = lm_track.onnx_greedy(onnx_info["path"], tok, lm_track.PROMPTS, n)
+        out[f"{best} (onnxruntime)"] = lm_track.onnx_greedy(onnx_info["path"], lm_track.PROMPTS, n)
     return out
 
 

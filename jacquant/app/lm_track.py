@@ -245,43 +245,26 @@ def _row(method: str, seed: int, ppl: float, seconds: float, curve: list[float],
             "seconds": seconds, "curve": curve, "log": log}
 
 
-def onnx_perplexity(path: str, windows: Tensor, batch: int = 16) -> float:
-    """exp(mean next-token cross entropy) of an exported model run by onnxruntime over ``windows``."""
+def onnx_perplexity(path: str, windows: Tensor, batch: int = 8) -> float:
+    """exp(mean next-token cross entropy) of an exported KV-cache decoder (:func:`jacquant.export_onnx` with
+    ``kv_cache=True``) run by onnxruntime over ``windows``, each window one prefill from an empty cache."""
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    from ..export import Decoder
+
+    dec = Decoder(path, threads=max(1, torch.get_num_threads()))
     total = 0.0
     for i in range(0, len(windows), batch):
-        w = windows[i:i + batch]
-        w = w.cpu()
-        logits = torch.from_numpy(np.asarray(sess.run(None, {name: w[:, :-1].numpy()})[0]))
-        total += float(next_token_ce(logits, w)) * len(w)
+        w = windows[i:i + batch].cpu()
+        x = w[:, :-1].numpy()
+        pos = np.broadcast_to(np.arange(x.shape[1]), x.shape)
+        logits, _ = dec.step(x, np.ones_like(x), pos, dec.empty_cache(len(x)))
+        total += float(next_token_ce(torch.from_numpy(np.asarray(logits)), w)) * len(w)
     return math.exp(total / len(windows))
 
 
+def onnx_greedy(path: str, prompts: tuple[str, ...], new_tokens: int) -> list[str]:
+    """Greedy continuations (the new text) by an exported KV-cache decoder in onnxruntime, with its saved tokenizer."""
+    from ..export import generate
 
-def onnx_greedy(path: str, tokenizer, prompts: tuple[str, ...], new_tokens: int) -> list[str]:
-    """Greedy continuations by an exported input_ids → logits graph run in onnxruntime (the whole sequence is
-    fed each step: no cache, which for a few dozen tokens costs little)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    out = []
-    for p in prompts:
-        ids = tokenizer(p, return_tensors="np").input_ids.astype(np.int64)
-        start = ids.shape[1]
-        for _ in range(new_tokens):
-            nxt = int(sess.run(None, {name: ids})[0][0, -1].argmax())
-            ids = np.concatenate([ids, [[nxt]]], axis=1)
-            if nxt == tokenizer.eos_token_id:
-                break
-        out.append(tokenizer.decode(ids[0, start:].tolist(), skip_special_tokens=True))
-    return out
+    return [generate(path, p, new_tokens, threads=max(1, torch.get_num_threads())).text for p in prompts]
