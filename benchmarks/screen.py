@@ -221,7 +221,7 @@ def table(path: str) -> None:
                 elif track == "encoder":
                     cells.append(f"{r['cosine']:.4f} / {r['spearman']:.4f}")
                 else:
-                    d = f", δ {r['delta']['mean']:.2f}" if r.get("delta") else ""
+                    d = f", δ {r['delta']['mean']:.2f}" if r.get("delta") and "ewgs" in m else ""
                     cells.append(f"{r['ppl']:.1f} ({r['codes_moved']:.4f}{d})")
             best = better(r[metric] for r in runs.values())
             delta = f"{best - best_ste:+.4f}" if best_ste is not None else ""
