@@ -77,4 +77,4 @@ def test_fused_cpu_path_is_not_used_while_tracing():
     with FakeTensorMode():
         assert not fused_cpu.usable(torch.empty(4, 32))
     assert not fused_cpu.usable(w.to("meta"))
-    assert fused_cpu.usable(w, None)
+    assert fused_cpu.usable(w, None) and fused_cpu.usable(torch.nn.Parameter(w))  # model weights are Parameters

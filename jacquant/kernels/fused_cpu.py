@@ -30,6 +30,7 @@ from . import fake_quant_torch
 
 _state: dict[str, object] = {"failed": False}
 _compiled: dict[str, Callable] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # no other subclass (fake, functional, DTensor...)
 
 
 def enabled() -> bool:
@@ -43,7 +44,7 @@ def usable(*tensors: Optional[Tensor]) -> bool:
         return False
     if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
         return False
-    return all(t is None or (type(t) is torch.Tensor and t.device.type == "cpu") for t in tensors)
+    return all(t is None or (type(t) in _PLAIN and t.device.type == "cpu") for t in tensors)
 
 
 def _get(name: str, fn: Callable) -> Callable:
@@ -54,8 +55,8 @@ def _get(name: str, fn: Callable) -> Callable:
 
 def _run(name: str, fn: Callable, fallback: Callable, *args):
     try:
-        with torch.no_grad():
-            return _get(name, fn)(*args)
+        with torch.no_grad():  # detached: plain tensors, so a Parameter and a Tensor share one compiled kernel
+            return _get(name, fn)(*(a.detach() if isinstance(a, Tensor) else a for a in args))
     except Exception as err:  # no compiler, an inductor bug: the torch path computes the same values
         _state["failed"] = True
         warnings.warn(f"jacquant: the fused CPU fake-quant kernels could not be compiled ({type(err).__name__}: "
