@@ -53,11 +53,19 @@ def _get(name: str, fn: Callable) -> Callable:
     return _compiled[name]
 
 
+# Each (bits, group, rule, dtype) is one specialisation (and a new shape one more, until shapes go dynamic):
+# a process that quantizes with many settings (a test session, a sweep) needs more than dynamo's default 8.
+RECOMPILE_LIMIT = 64
+
+
 def _run(name: str, fn: Callable, fallback: Callable, *args):
     try:
-        with torch.no_grad():  # detached: plain tensors, so a Parameter and a Tensor share one compiled kernel
+        # detached: plain tensors, so a Parameter and a Tensor share one compiled kernel
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return _get(name, fn)(*(a.detach() if isinstance(a, Tensor) else a for a in args))
     except Exception as err:  # no compiler, an inductor bug: the torch path computes the same values
+        if "RecompileLimit" in type(err).__name__:  # this setting only: the others keep their kernels
+            return fallback(*args)
         _state["failed"] = True
         warnings.warn(f"jacquant: the fused CPU fake-quant kernels could not be compiled ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); using the torch path (set "
