@@ -92,7 +92,8 @@ def run_accuracy(
         best = best_trained(lm_rows, kept)
         if export and best:
             with timed(f"lm: export {best} to ONNX, its onnxruntime perplexity"):
-                onnx_info = export_best(best, kept[best], tok, toks, budget, bits, out_dir, log)
+                torch_ppl = next(r["metrics"]["ppl"] for r in lm_rows if r["method"] == best and r["seed"] == seeds[0])
+                onnx_info = export_best(best, kept[best], torch_ppl, tok, toks, budget, bits, out_dir, log)
         if best:
             with timed("lm: greedy generations"):
                 generations = lm_generations(fp, kept, best, tok, budget, onnx_info)
@@ -130,7 +131,8 @@ def best_trained(rows: list[dict], kept: dict) -> Optional[str]:
     return min(trained, key=lambda m: trained[m]["ppl"]["mean"]) if trained else None
 
 
-def export_best(best: str, model: torch.nn.Module, tokenizer, toks: lm_track.Tokens, budget: lm_track.Budget,
+def export_best(best: str, model: torch.nn.Module, torch_ppl: float, tokenizer, toks: lm_track.Tokens,
+                budget: lm_track.Budget,
                 bits: int, out_dir: str, log=print) -> dict:
     """Export the best trained model (its first seed) and compare onnxruntime's perplexity with PyTorch's
     on the held-out windows."""
@@ -142,7 +144,6 @@ def export_best(best: str, model: torch.nn.Module, tokenizer, toks: lm_track.Tok
     target = "ort"  # MatMulNBits
     log(f"exporting the best 2-bit LM ({best}) to {path} (KV-cache decoder, tokenizer beside it)")
     export_onnx(model, path=path, kv_cache=True, tokenizer=tokenizer, target=target, accuracy_level=4)
-    torch_ppl = lm_track.perplexity(model, windows)
     ort_ppl = lm_track.onnx_perplexity(path, windows)
     return {"method": best, "path": path, "target": target, "accuracy_level": 4, "torch_ppl": torch_ppl,
             "onnxruntime_ppl": ort_ppl, "mib": os.path.getsize(path) / 2**20}
