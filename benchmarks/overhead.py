@@ -151,6 +151,8 @@ def main() -> None:
                     help="compile modes after eager, comma-separated, whole before regional")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler's peak-memory step")
+    ap.add_argument("--order", default=",".join(METHODS),
+                    help="the order the variants run in within a round (a check that order does not bias them)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     modes = [] if a.no_compile else [m for m in a.compile.split(",") if m]
@@ -160,7 +162,10 @@ def main() -> None:
     if modes == ["regional", "whole"]:
         ap.error("--compile: list whole before regional (regional compiles the blocks in place)")
     t0 = time.perf_counter()
-    variants = {m: Variant(a, m) for m in METHODS}
+    order = a.order.split(",")
+    if sorted(order) != sorted(METHODS):
+        ap.error(f"--order: list each of {', '.join(METHODS)} once")
+    variants = {m: Variant(a, m) for m in order}
     print(f"built {', '.join(variants)} in {time.perf_counter() - t0:.0f} s", flush=True)
     vocab = variants["fp32"].vocab
     idx = torch.randint(0, vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(0)).to(a.device)

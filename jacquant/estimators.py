@@ -22,8 +22,9 @@ Data-driven (measures the loss): :func:`data_probe`, :func:`data_dither`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -120,6 +121,16 @@ def probe_mean(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: i
     return (torch.log(H / (2 * d)).clamp_min(0).sum(-1) / H).mean(-1).to(torch.float32)
 
 
+def _data_sites(name: str, model_or_sites, n_probes: int) -> list[Site]:
+    """The sites a data-driven estimator fits, after checking ``n_probes``."""
+    if not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"{name} n_probes={n_probes!r} must be a positive int")
+    found = list(sites(model_or_sites)) if isinstance(model_or_sites, torch.nn.Module) else list(model_or_sites)
+    if not found:
+        raise ValueError(f"{name} found no quantized site; call jacquant.transform(model, ...) first")
+    return found
+
+
 def _ste_gradients(loss_fn: Callable[[], Tensor], found: list[Site]) -> list[Tensor]:
     """m ⊙ dL/dq per site through the clipped-STE rule, grouped [N, K/G, G] fp32."""
     rules = [s.quantizer.rule for s in found]
@@ -145,6 +156,27 @@ def _set_weights(found: list[Site], saved: list[Tensor], steps: list[Tensor], si
         s.quantizer.as_nk(s.weight).copy_((grouped(w0nk, s.quantizer.group) + sign * st).reshape(w0nk.shape))
 
 
+@contextlib.contextmanager
+def _weights_restored(found: list[Site]) -> Iterator[list[Tensor]]:
+    """Yields copies of the sites' weights, and writes them back bit for bit on exit; no autograd inside."""
+    saved = [s.weight.detach().clone() for s in found]
+    try:
+        with torch.no_grad():
+            yield saved
+    finally:
+        with torch.no_grad():
+            for s, w0 in zip(found, saved):
+                s.weight.copy_(w0)
+
+
+def _antithetic(loss_fn: Callable[[], Tensor], found: list[Site], saved: list[Tensor], steps: list[Tensor]) -> float:
+    """ΔL = L(W0 + step) − L(W0 − step), every site moved at once (steps grouped [N, K/G, G])."""
+    _set_weights(found, saved, steps, 1.0)
+    loss_plus = float(loss_fn())
+    _set_weights(found, saved, steps, -1.0)
+    return loss_plus - float(loss_fn())
+
+
 def data_dither(
     loss_fn: Callable[[], Tensor],
     model_or_sites: torch.nn.Module | Iterable[Site],
@@ -167,30 +199,16 @@ def data_dither(
     ``sigma`` is in scale units. Weights are restored bit for bit afterwards.
     """
     _check_width("data_dither sigma", sigma)
-    if not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"data_dither n_probes={n_probes!r} must be a positive int")
-    found = list(sites(model_or_sites)) if isinstance(model_or_sites, torch.nn.Module) else list(model_or_sites)
-    if not found:
-        raise ValueError("data_dither found no quantized site; call jacquant.transform(model, ...) first")
+    found = _data_sites("data_dither", model_or_sites, n_probes)
     a_dir = _ste_gradients(loss_fn, found)
     sd = [sigma * s.quantizer.scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR) for s in found]  # [N, K/G]
     num = [torch.zeros_like(e) for e in sd]
-    saved = [s.weight.detach().clone() for s in found]
-    try:
-        with torch.no_grad():
-            for _ in range(n_probes):
-                us = [torch.randn(a.shape, generator=generator).to(a.device) * e.unsqueeze(-1) for a, e in zip(a_dir, sd)]
-                _set_weights(found, saved, us, 1.0)
-                loss_plus = float(loss_fn())
-                _set_weights(found, saved, us, -1.0)
-                loss_minus = float(loss_fn())
-                dl = loss_plus - loss_minus
-                for i, (u, a, e) in enumerate(zip(us, a_dir, sd)):
-                    num[i] += dl * (u * a).sum(-1) / (2 * e * e)
-    finally:
-        with torch.no_grad():
-            for s, w0 in zip(found, saved):
-                s.weight.copy_(w0)
+    with _weights_restored(found) as saved:
+        for _ in range(n_probes):
+            us = [torch.randn(a.shape, generator=generator).to(a.device) * e.unsqueeze(-1) for a, e in zip(a_dir, sd)]
+            dl = _antithetic(loss_fn, found, saved, us)
+            for i, (u, a, e) in enumerate(zip(us, a_dir, sd)):
+                num[i] += dl * (u * a).sum(-1) / (2 * e * e)
     out = {}
     for s, n_, a in zip(found, num, a_dir):
         den = a.square().sum(-1)
@@ -224,53 +242,22 @@ def data_probe(
     ``delta`` is in scale units. Weights are restored bit for bit afterwards.
     """
     _check_width("data_probe delta", delta)
-    if not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"data_probe n_probes={n_probes!r} must be a positive int")
-    found = list(sites(model_or_sites)) if isinstance(model_or_sites, torch.nn.Module) else list(model_or_sites)
-    if not found:
-        raise ValueError("data_probe found no quantized site; call jacquant.transform(model, ...) first")
-
-    # m ⊙ dL/dq through the clipped-STE rule, [N, K] per site
-    rules = [s.quantizer.rule for s in found]
-    try:
-        for s in found:
-            s.quantizer.rule = "ste"
-        loss = loss_fn()
-        grads = torch.autograd.grad(loss, [s.weight for s in found], allow_unused=True)
-    finally:
-        for s, r in zip(found, rules):
-            s.quantizer.rule = r
-    a_dir = []
-    for s, g in zip(found, grads):
-        if g is None:
-            raise ValueError(f"site `{s.name}`: loss_fn() does not depend on its weight; pass a loss over the whole model")
-        a_dir.append(grouped(s.quantizer.as_nk(g).detach().to(torch.float32), s.quantizer.group))  # [N, K/G, G]
-
+    found = _data_sites("data_probe", model_or_sites, n_probes)
+    a_dir = _ste_gradients(loss_fn, found)  # [N, K/G, G] per site
     eps = [delta * s.quantizer.scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR) for s in found]  # [N, K/G]
     num = [torch.zeros_like(e) for e in eps]
     den = [torch.zeros_like(e) for e in eps]
-    saved = [s.weight.detach().clone() for s in found]
-    try:
-        with torch.no_grad():
-            for _ in tqdm(range(n_probes), desc="data_probe", disable=not progress):
-                steps = []
-                for s, e, a in zip(found, eps, a_dir):
-                    r = torch.randint(0, 2, a.shape, generator=generator).to(a.device, torch.float32) * 2 - 1
-                    steps.append((e.unsqueeze(-1) * r, 2 * e * (a * r).sum(-1)))  # ε r [N, K/G, G], a_g,p [N, K/G]
-                for s, (er, _), w0 in zip(found, steps, saved):
-                    s.quantizer.as_nk(s.weight).copy_((grouped(s.quantizer.as_nk(w0), s.quantizer.group) + er).reshape(s.quantizer.as_nk(w0).shape))
-                loss_plus = float(loss_fn())
-                for s, (er, _), w0 in zip(found, steps, saved):
-                    s.quantizer.as_nk(s.weight).copy_((grouped(s.quantizer.as_nk(w0), s.quantizer.group) - er).reshape(s.quantizer.as_nk(w0).shape))
-                loss_minus = float(loss_fn())
-                dl = loss_plus - loss_minus
-                for i, (_, ap) in enumerate(steps):
-                    num[i] += dl * ap
-                    den[i] += ap * ap
-    finally:
-        with torch.no_grad():
-            for s, w0 in zip(found, saved):
-                s.weight.copy_(w0)
+    with _weights_restored(found) as saved:
+        for _ in tqdm(range(n_probes), desc="data_probe", disable=not progress):
+            steps, slopes = [], []
+            for e, a in zip(eps, a_dir):
+                r = torch.randint(0, 2, a.shape, generator=generator).to(a.device, torch.float32) * 2 - 1
+                steps.append(e.unsqueeze(-1) * r)  # ε r [N, K/G, G]
+                slopes.append(2 * e * (a * r).sum(-1))  # a_g,p [N, K/G]
+            dl = _antithetic(loss_fn, found, saved, steps)
+            for i, ap in enumerate(slopes):
+                num[i] += dl * ap
+                den[i] += ap * ap
     out = {}
     for s, n_, d_ in zip(found, num, den):
         out[s.name] = torch.where(d_ > 0, n_ / d_.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(d_))

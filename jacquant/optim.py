@@ -84,7 +84,39 @@ def scale_updates_by_b(optimizer: torch.optim.Optimizer, model: nn.Module) -> Up
     return UpdateScaling([optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)], rules)
 
 
-class MarsAdamW(torch.optim.Optimizer):
+class _Corrected(torch.optim.Optimizer):
+    """The loop both optimizers below share: for every parameter with a gradient, the MARS/STORM
+    correction c_t = g_t + γ·β/(1 - β)·(g_t - g_{t-1}) (c_1 = g_1), then the subclass's update."""
+
+    def _init_state(self, st: dict, p: Tensor) -> None:
+        raise NotImplementedError
+
+    def _update(self, p: Tensor, c: Tensor, st: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta = group["betas"][0] if "betas" in group else group["beta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    self._init_state(st, p)
+                    st["prev_grad"] = g.clone()
+                c = g + (group["gamma"] * beta / (1 - beta)) * (g - st["prev_grad"])
+                st["prev_grad"].copy_(g)
+                self._update(p, c, st, group)
+        return loss
+
+
+class MarsAdamW(_Corrected):
     """MARS-AdamW: AdamW on the variance-reduced, norm-clipped c_t (formula in the module docstring).
 
     ``gamma`` = γ (0 gives AdamW on gradients clipped to norm 1 per tensor); ``max_norm`` the clip.
@@ -101,40 +133,26 @@ class MarsAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma,
                                       max_norm=max_norm))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                    st["prev_grad"] = g.clone()
-                c = g + (group["gamma"] * b1 / (1 - b1)) * (g - st["prev_grad"])
-                norm = torch.linalg.vector_norm(c)
-                c = c / torch.clamp(norm / group["max_norm"], min=1.0)
-                st["prev_grad"].copy_(g)
-                st["step"] += 1
-                t = float(st["step"])
-                st["exp_avg"].mul_(b1).add_(c, alpha=1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(c, c, value=1 - b2)
-                denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
-        return loss
+    def _init_state(self, st: dict, p: Tensor) -> None:
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        st["exp_avg"] = torch.zeros_like(p)
+        st["exp_avg_sq"] = torch.zeros_like(p)
+
+    def _update(self, p: Tensor, c: Tensor, st: dict, group: dict) -> None:
+        b1, b2 = group["betas"]
+        norm = torch.linalg.vector_norm(c)
+        c = c / torch.clamp(norm / group["max_norm"], min=1.0)
+        st["step"] += 1
+        t = float(st["step"])
+        st["exp_avg"].mul_(b1).add_(c, alpha=1 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(c, c, value=1 - b2)
+        denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
 
 
-class VRMomentum(torch.optim.Optimizer):
+class VRMomentum(_Corrected):
     """Variance-reduced momentum, normalised per tensor (not per coordinate), so that a per-element or
     per-group B on the gradient is not cancelled as it is by Adam's per-coordinate RMS:
 
@@ -153,30 +171,16 @@ class VRMomentum(torch.optim.Optimizer):
                              f">= 0 and beta={beta} in [0, 1)")
         super().__init__(params, dict(lr=lr, beta=beta, gamma=gamma, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b = group["beta"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["momentum"] = torch.zeros_like(p)
-                    st["prev_grad"] = g.clone()
-                c = g + (group["gamma"] * b / (1 - b)) * (g - st["prev_grad"])
-                st["prev_grad"].copy_(g)
-                st["step"] += 1
-                m = st["momentum"].mul_(b).add_(c, alpha=1 - b)
-                m_hat = m / (1 - b ** st["step"])
-                rms = m_hat.square().mean().sqrt()
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(m_hat / (rms + group["eps"]), alpha=-group["lr"])
-        return loss
+    def _init_state(self, st: dict, p: Tensor) -> None:
+        st["step"] = 0
+        st["momentum"] = torch.zeros_like(p)
+
+    def _update(self, p: Tensor, c: Tensor, st: dict, group: dict) -> None:
+        b = group["beta"]
+        st["step"] += 1
+        m = st["momentum"].mul_(b).add_(c, alpha=1 - b)
+        m_hat = m / (1 - b ** st["step"])
+        rms = m_hat.square().mean().sqrt()
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(m_hat / (rms + group["eps"]), alpha=-group["lr"])

@@ -67,3 +67,15 @@ def test_merge_runs_keeps_fp_and_rtn_once_and_pairs_seeds(tmp_path):
     assert [merge.key(r) for r in rows].count(("lm", "rtn", None)) == 2
     table = merge.paired_differences(_rows())
     assert "| jacquant | -1.000 | -1.100 | -1.100 |" in table
+
+
+def test_every_jacquant_recipe_is_judged_and_a_run_without_one_says_so(tmp_path):
+    rows = _rows() + [dict(r, method="jq-gauss-upd", metrics={"ppl": r["metrics"]["ppl"] + 5.0})
+                      for r in _rows() if r["method"] == "ste"]
+    vs = report.verdicts(report.summarise(rows))
+    judged = {(v["method"], v["baseline"]): v for v in vs}
+    assert set(judged) == {(m, b) for m in ("jacquant", "jq-gauss-upd") for b in ("ste", "stableqat")}
+    assert np.isclose(judged["jq-gauss-upd", "ste"]["delta"], -5.0)
+    assert judged["jq-gauss-upd", "ste"]["verdict"] == "loses to"
+    md, _ = report.write(str(tmp_path), [r for r in _rows() if r["method"] == "stableqat"], {"bits": 2})
+    assert "Not compared: this run does not hold a JacQuant method" in open(md).read()

@@ -65,15 +65,21 @@ def verdict(summary: dict[str, dict], metric: str, method: str = "jacquant", bas
             "verdict": word, "n": n}
 
 
-def verdicts(summary: dict[str, dict[str, dict]], method: str = "jacquant") -> list[dict]:
-    """:func:`verdict` of ``method`` against STE and StableQAT for every metric of every track."""
+def is_jacquant(method: str) -> bool:
+    """The JacQuant family: the default ``jacquant`` and the ``jq-*`` recipes."""
+    return method == "jacquant" or method.startswith("jq-")
+
+
+def verdicts(summary: dict[str, dict[str, dict]]) -> list[dict]:
+    """:func:`verdict` of every JacQuant method in the run against STE and StableQAT, every metric, every track."""
     out = []
     for track, methods in summary.items():
-        for metric in VERDICT_METRICS:
-            for base in ("ste", "stableqat"):
-                v = verdict(methods, metric, method, base)
-                if v is not None:
-                    out.append({"track": track, **v})
+        for method in filter(is_jacquant, methods):
+            for metric in VERDICT_METRICS:
+                for base in ("ste", "stableqat"):
+                    v = verdict(methods, metric, method, base)
+                    if v is not None:
+                        out.append({"track": track, **v})
     return out
 
 
@@ -120,7 +126,10 @@ def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "",
     md.append("")
     for track, methods in summary.items():
         md += [markdown_table(track, methods), ""]
-    md += ["## Does JacQuant beat STE and StableQAT by more than the seed spread?", ""] + verdict_lines(vs) + [""]
+    md += ["## Does JacQuant beat STE and StableQAT by more than the seed spread?", ""]
+    md += verdict_lines(vs) or ["Not compared: this run does not hold a JacQuant method beside ste or stableqat "
+                                "(merge runs with benchmarks/merge_runs.py)."]
+    md.append("")
     md.append(extra_md)
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w") as f:
