@@ -89,6 +89,10 @@ def test_hutchinson_trace_is_exact_for_a_quadratic_loss_per_probe():
     assert got[st[0].name] == pytest.approx(ref, rel=1e-3)
 
 
+def _per_weight_scale(s):
+    return s.repeat_interleave(16, 1)
+
+
 def _sgd_step(model, cfg, x, y, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     attach(opt, model, cfg, loss_fn=lambda: _quad(model, x, y))
@@ -114,6 +118,23 @@ def test_ewgs_on_gradient_and_on_sgd_update_scale_each_element(placement):
     _sgd_step(model, ElementwiseConfig(rule="ewgs", delta=0.8, placement=placement), x, y)
     expected = w0 - 0.1 * g * (1 + 0.8 * torch.sign(g) * r)
     torch.testing.assert_close(model[0].weight.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("placement", ["grad", "update"])
+def test_gauss_scales_each_element_by_the_dithered_slope_at_its_position(placement):
+    x, y = _data()
+    w0, g, s0, gs, q = _reference_grads(x, y)
+    v = w0 / _per_weight_scale(s0) + q.zero_point.to(torch.float32).repeat_interleave(16, 1)
+    model = _model()
+    _sgd_step(model, ElementwiseConfig(rule="gauss", sigma=0.3, placement=placement), x, y)
+    # the slope of the whole dithered quantizer (clamped range included); g is 0 outside [0, 2^b - 1]
+    slope = gaussian_slope(v, q.bits, 0.3)
+    # the hooks use the periodic form (thresholds at ±½, ±3/2 around the grid point): it equals the full sum
+    # where the two virtual thresholds beyond the range (−½ and 2^b − ½) are ≥ 1.5 = 5σ away
+    interior = (v > 1.0) & (v < 2 ** q.bits - 2.0)
+    assert interior.sum() > 20
+    expected = w0 - 0.1 * g * slope
+    torch.testing.assert_close(model[0].weight.detach()[interior], expected[interior], rtol=1e-4, atol=1e-6)
 
 
 def test_ewgs_on_the_adamw_update_uses_minus_the_update_as_the_gradient_sign():

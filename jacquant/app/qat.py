@@ -93,6 +93,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-ewgs", elementwise=ElementwiseConfig(rule="ewgs")),
     Recipe("jq-ewgs-upd", elementwise=ElementwiseConfig(rule="ewgs", placement="update")),
     Recipe("jq-gauss-upd", elementwise=ElementwiseConfig(rule="gauss", placement="update")),
+    # the Gaussian slope where StableQAT's Fourier slope acts, on the gradient (added after StableQAT's 3 seeds)
+    Recipe("jq-gauss", elementwise=ElementwiseConfig(rule="gauss")),
     Recipe("jq-cage", elementwise=ElementwiseConfig(rule="none", cage=0.5)),
     Recipe("jq-codes", elementwise=ElementwiseConfig(rule="none", code_period=4, code_steps=1)),
     Recipe("jq-data-dither", rule="jacquant", estimator="data_dither", width=0.5),
