@@ -46,6 +46,7 @@ import torch
 
 import jacquant
 from jacquant.export import export_onnx
+from jacquant.export.generation import Decoder, session
 
 LLAMA_CPP = "llama.cpp Q4_1 (issue 15, llama-cpp-python, 2 threads): 154 tokens/s prefill (128), 88 tokens/s decode"
 
@@ -58,41 +59,20 @@ def file_size(path: str) -> int:
 
 
 def make_session(path: str, threads: int, options: dict | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    for k, v in (options or {}).items():
-        so.add_session_config_entry(k, str(v))
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return session(path, threads, options)
 
 
 class Runner:
     """Prefill / decode runs of any decoder whose inputs are input_ids, attention_mask, [position_ids],
-    past_key_values.{i}.key/value and outputs logits, present.{i}.key/value (jacquant and genai)."""
+    past_key_values.{i}.key/value and outputs logits, present.{i}.key/value (jacquant and genai), batch 1."""
 
     def __init__(self, sess: ort.InferenceSession, layers: int, kv_heads: int, head_dim: int):
-        self.sess = sess
-        names = {i.name for i in sess.get_inputs()}
-        self.positions = "position_ids" in names
-        self.past = [f"past_key_values.{i}.{n}" for i in range(layers) for n in ("key", "value")]
-        self.present = [f"present.{i}.{n}" for i in range(layers) for n in ("key", "value")]
-        self.empty = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        self.decoder = Decoder(sess, layout=(layers, kv_heads, head_dim))
 
     def run(self, ids: np.ndarray, start: int, cache) -> tuple[np.ndarray, list]:
-        io = self.sess.io_binding()
         total = start + ids.shape[1]
-        io.bind_cpu_input("input_ids", ids.astype(np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        if self.positions:
-            io.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64)[None])
-        for name, v in zip(self.past, cache or [ort.OrtValue.ortvalue_from_numpy(self.empty)] * len(self.past)):
-            io.bind_ortvalue_input(name, v)
-        io.bind_output("logits", "cpu")
-        for name in self.present:
-            io.bind_output(name, "cpu")
-        self.sess.run_with_iobinding(io)
-        out = io.get_outputs()
-        return out[0].numpy(), list(out[1:])
+        return self.decoder.step(ids, np.ones((1, total), np.int64), np.arange(start, total, dtype=np.int64)[None],
+                                 cache or self.decoder.empty_cache(1))
 
     def timings(self, prompt: np.ndarray, new_tokens: int, reps: int) -> tuple[float, float]:
         """(prefill seconds, decode tokens/s), medians of ``reps`` after one warm-up; greedy tokens."""

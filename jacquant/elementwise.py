@@ -238,6 +238,18 @@ class ElementwiseHooks:
             h.remove()
         self._handles = []
 
+    def state_dict(self) -> dict:
+        """What the hooks carry between steps: the step count (code phases), δ per site, the probes' RNG."""
+        return {"t": self.t, "deltas": dict(self.deltas), "rng": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (a resumed run then continues bit for bit)."""
+        missing = set(self.deltas) - set(state["deltas"])
+        if missing:
+            raise ValueError(f"elementwise state has no δ for sites {sorted(missing)[:3]}: saved from another model?")
+        self.t, self.deltas = int(state["t"]), {k: float(v) for k, v in state["deltas"].items()}
+        self.gen.set_state(state["rng"])
+
     def code_phase(self, t: int) -> bool:
         c = self.config
         return c.code_period > 0 and c.code_steps > 0 and t % c.code_period >= c.code_period - c.code_steps

@@ -66,7 +66,7 @@ def test_merge_runs_keeps_fp_and_rtn_once_and_pairs_seeds(tmp_path):
     rows = fixed[:2] + _rows() + fixed[2:]
     assert [merge.key(r) for r in rows].count(("lm", "rtn", None)) == 2
     table = merge.paired_differences(_rows())
-    assert "| jacquant | -1.000 | -1.100 | -1.100 |" in table
+    assert "| jacquant | -1.000 | -1.100 | -1.100 | -1.067 ± 0.058 |" in table
 
 
 def test_every_jacquant_recipe_is_judged_and_a_run_without_one_says_so(tmp_path):

@@ -26,28 +26,30 @@ def _loss(model, batch):
     return lm_loss(model(batch), batch)
 
 
-@pytest.mark.parametrize("method", ["ste", "jacquant"])
+# jq-codes: the code phases follow the hooks' step count; jq-ewgs: δ fitted at step 0 and the probes' RNG
+@pytest.mark.parametrize("method", ["ste", "jacquant", "jq-codes", "jq-ewgs"])
 def test_killed_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, method):
     ref, batches = _setup(method)
-    ref_curve = train(ref, RECIPES[method], batches(), _loss, 12, 3e-3, seed=1, warmup=2)
+    calib = next(iter(batches()))
+    ref_curve = train(ref, RECIPES[method], batches(), _loss, 12, 3e-3, seed=1, warmup=2, calib_batch=calib)
 
     model, batches = _setup(method)
     ckpt = str(tmp_path / "ckpt.pt")
     calls = {"n": 0}
 
     def dying_loss(m, b):
-        calls["n"] += 1
+        calls["n"] += b is not calib  # training batches only (a refresh also measures the calibration batch)
         if calls["n"] == 8:  # killed during step 8, after the checkpoint of step 6
             raise Killed
         return _loss(m, b)
 
     with pytest.raises(Killed):
-        train(model, RECIPES[method], batches(), dying_loss, 12, 3e-3, seed=1, warmup=2,
+        train(model, RECIPES[method], batches(), dying_loss, 12, 3e-3, seed=1, warmup=2, calib_batch=calib,
               checkpoint=ckpt, checkpoint_every=3)
     assert torch.load(ckpt, weights_only=True)["extra"]["step"] == 6
     torch.manual_seed(123)  # a fresh process: the global RNG is whatever it is; the checkpoint restores it
     model, batches = _setup(method)
-    curve = train(model, RECIPES[method], batches(), _loss, 12, 3e-3, seed=1, warmup=2,
+    curve = train(model, RECIPES[method], batches(), _loss, 12, 3e-3, seed=1, warmup=2, calib_batch=calib,
                   checkpoint=ckpt, checkpoint_every=3)
     assert curve == ref_curve
     for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):

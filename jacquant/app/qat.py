@@ -95,6 +95,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-gauss-upd", elementwise=ElementwiseConfig(rule="gauss", placement="update")),
     # the Gaussian slope where StableQAT's Fourier slope acts, on the gradient (added after StableQAT's 3 seeds)
     Recipe("jq-gauss", elementwise=ElementwiseConfig(rule="gauss")),
+    # σ = 0.15: a threshold-to-grid contrast like StableQAT's (2.66 vs 0.02; StableQAT 1 vs 0.035), chosen from
+    # benchmarks/adam_eps.py (Adam cancels a constant factor, so only how fast it swings can matter)
+    Recipe("jq-gauss-sharp", elementwise=ElementwiseConfig(rule="gauss", sigma=0.15)),
     Recipe("jq-cage", elementwise=ElementwiseConfig(rule="none", cage=0.5)),
     Recipe("jq-codes", elementwise=ElementwiseConfig(rule="none", code_period=4, code_steps=1)),
     Recipe("jq-data-dither", rule="jacquant", estimator="data_dither", width=0.5),
@@ -168,7 +171,8 @@ def train(
     diagnostics (:func:`jacquant.stats`) are written to that JSONL file (replaced) every ``log_every`` steps.
 
     With ``checkpoint`` (a file path) and ``checkpoint_every = N > 0``, the model (weights, scales, B, refresh
-    clock and RNG), optimizer, lr schedule, loss curve and global RNG are saved there every N steps
+    clock and RNG), optimizer, lr schedule, loss curve, the per-element rule's state (step count, δ, RNG)
+    and global RNG are saved there every N steps
     (:func:`jacquant.save_checkpoint`, written to a temporary file and renamed, so a kill never leaves a torn
     file). When that file exists at the start, training resumes from it: the first ``step`` batches are
     drawn and skipped, so a resumed run equals an uninterrupted one bit for bit on the CPU.
@@ -184,14 +188,17 @@ def train(
         if calib_batch is None:
             raise ValueError(f"recipe {recipe.name!r} measures a calibration loss: it needs a calib_batch")
         probe_loss = lambda: loss_fn(model, calib_batch)  # noqa: E731
+    hooks = None
     if recipe.train and recipe.elementwise is not None:
-        attach_elementwise(opt, model, recipe.elementwise, probe_loss, seed)
+        hooks = attach_elementwise(opt, model, recipe.elementwise, probe_loss, seed)
     curve: list[float] = []
     start = 0
     if checkpoint and os.path.exists(checkpoint):
         extra = load_checkpoint(checkpoint, model, opt)
         sched.load_state_dict(extra["schedule"])
         start, curve = int(extra["step"]), list(extra["curve"])
+        if hooks is not None:
+            hooks.load_state_dict(extra["elementwise"])
     elif log_path and os.path.exists(log_path):
         os.remove(log_path)  # a fresh log per run: StatsLogger appends
     logger = StatsLogger(log_path) if log_path else None
@@ -215,6 +222,9 @@ def train(
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
         if checkpoint and checkpoint_every > 0 and ((t + 1) % checkpoint_every == 0 or t + 1 == steps):
             tmp = checkpoint + ".tmp"
-            save_checkpoint(tmp, model, opt, extra={"step": t + 1, "curve": curve, "schedule": sched.state_dict()})
+            extra = {"step": t + 1, "curve": curve, "schedule": sched.state_dict()}
+            if hooks is not None:
+                extra["elementwise"] = hooks.state_dict()
+            save_checkpoint(tmp, model, opt, extra=extra)
             os.replace(tmp, checkpoint)
     return curve

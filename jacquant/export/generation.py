@@ -7,6 +7,7 @@ smallest set whose probability reaches ``top_p``.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -52,28 +53,37 @@ def session(path: str, threads: Optional[int] = 2, options: Optional[dict] = Non
 
 
 class Decoder:
-    """A session over a jacquant decoder plus its cache layout; :meth:`step` runs one chunk of tokens."""
+    """A session over a KV-cache decoder plus its cache layout; :meth:`step` runs one chunk of tokens.
 
-    def __init__(self, source, threads: Optional[int] = 2, options: Optional[dict] = None):
+    ``source``: a decoder file, or an ``onnxruntime.InferenceSession``. The layout (layers, KV heads,
+    head dim) comes from jacquant's ``jacquant.decoder`` metadata; for a decoder of the same interface
+    exported elsewhere (onnxruntime-genai's builder), pass ``layout=(layers, kv_heads, head_dim)``.
+    """
+
+    def __init__(self, source, threads: Optional[int] = 2, options: Optional[dict] = None,
+                 layout: Optional[tuple[int, int, int]] = None):
         import onnxruntime as ort
 
         if isinstance(source, ort.InferenceSession):
-            self.session = source
-            meta = source.get_modelmeta().custom_metadata_map.get("jacquant.decoder")
-            if meta is None:
-                raise ValueError("the session is not a jacquant KV-cache decoder (no jacquant.decoder metadata)")
-            import json
-
-            self.meta = json.loads(meta)
-            self.folder = None
+            self.session, self.folder = source, None
         else:
             path = os.fspath(source)
-            self.meta = load_metadata(path)
             self.session = session(path, threads, options)
             self.folder = os.path.dirname(os.path.abspath(path))
+        if layout is not None:
+            self.meta = dict(zip(("num_layers", "kv_heads", "head_dim"), layout))
+        elif self.folder is not None:
+            self.meta = load_metadata(path)
+        else:
+            meta = self.session.get_modelmeta().custom_metadata_map.get("jacquant.decoder")
+            if meta is None:
+                raise ValueError("the session is not a jacquant KV-cache decoder (no jacquant.decoder metadata); export "
+                                 "it with jacquant.export_onnx(model, kv_cache=True), or pass layout=(layers, kv_heads, head_dim)")
+            self.meta = json.loads(meta)
         self.layers, self.kv_heads, self.head_dim = self.meta["num_layers"], self.meta["kv_heads"], self.meta["head_dim"]
         self.past_names = [f"past_key_values.{i}.{n}" for i in range(self.layers) for n in ("key", "value")]
         self.present_names = [f"present.{i}.{n}" for i in range(self.layers) for n in ("key", "value")]
+        self.takes_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
 
     def empty_cache(self, batch: int) -> list:
         import onnxruntime as ort
@@ -87,7 +97,8 @@ class Decoder:
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        if self.takes_positions:
+            io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         for name, v in zip(self.past_names, cache):
             io.bind_ortvalue_input(name, v)
         io.bind_output("logits", "cpu")

@@ -9,7 +9,8 @@ The first call per function compiles (~10-20 s on CPU, inductor's start-up inclu
 weight shape compiles a dynamic-shape version that serves every later shape.
 
 Results: the forward Q(W) and dL/dW are equal to the reference bit for bit (same IEEE operations,
-inductor does not contract or reassociate them); dL/ds, a sum over each group, adds in inductor's
+inductor does not contract or reassociate them), except StableQAT's dL/dW, whose Fourier factor takes a
+cos that inductor vectorises (an ulp from libm's); dL/ds, a sum over each group, adds in inductor's
 vectorised order and may differ from the eager sum in the last bits (a few ulp of the group sum).
 
 Used only where it can be: plain CPU tensors (no tensor subclass, no dispatch mode active, not
@@ -83,6 +84,7 @@ def fake_quant_backward(
     grad_q: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor,
     bits: int, group: int, rule: str, amplitude: float,
 ) -> tuple[Tensor, Tensor]:
-    """(dL/dw, dL/ds) fused: dL/dw = f·m·dL/dq bit for bit; dL/ds = γ·sum_g dL/dq·dq/ds to a few ulp."""
+    """(dL/dw, dL/ds) fused: dL/dw = f·m·dL/dq bit for bit (StableQAT's f to an ulp); dL/ds = γ·sum_g dL/dq·dq/ds
+    to a few ulp."""
     return _run("backward", fake_quant_torch.fake_quant_backward, fake_quant_torch.fake_quant_backward,
                 grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
