@@ -12,27 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 from jacquant.app import lm_track, report
-
-
-def paired_differences(rows: list[dict], metric: str = "ppl", baseline: str = "ste") -> str:
-    """Per seed, method − baseline on ``metric`` of the LM track (negative = lower perplexity than the baseline),
-    and their mean ± sample std over the seeds both have: the same seed shares the data order and the
-    initial scales, so the paired differences vary less than either method's results."""
-    lm = [r for r in rows if r["track"] == "lm" and r["curve"]]
-    base = {r["seed"]: r["metrics"][metric] for r in lm if r["method"] == baseline}
-    methods = [m for m in dict.fromkeys(r["method"] for r in lm) if m != baseline]
-    seeds = sorted(base)
-    lines = [f"| method − {baseline} ({metric}) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
-             "|---" * (len(seeds) + 2) + "|"]
-    for m in methods:
-        vals = {r["seed"]: r["metrics"][metric] - base[r["seed"]] for r in lm if r["method"] == m and r["seed"] in base}
-        d = list(vals.values())
-        summary = f"{statistics.fmean(d):+.3f} ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
-        lines.append(f"| {m} | " + " | ".join(f"{vals[s]:+.3f}" if s in vals else "" for s in seeds) + f" | {summary} |")
-    return "\n".join(lines)
 
 
 def key(row: dict) -> tuple:
@@ -60,7 +41,7 @@ def main() -> None:
                 r["metrics"]["recovery"] = lm_track.recovery(r["metrics"]["ppl"], rtn[0], fp[0])
     meta = {**metas[0], "seeds": len({r["seed"] for r in rows if r["curve"]}), "merged_from": ", ".join(a.runs),
             "seconds": round(sum(m["seconds"] for m in metas), 1)}
-    md, _ = report.write(a.out, rows, meta, extra_md="## Paired differences per seed\n\n" + paired_differences(rows) + "\n")
+    md, _ = report.write(a.out, rows, meta)
     print(open(md).read())
 
 

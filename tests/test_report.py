@@ -40,6 +40,7 @@ def test_write_produces_table_and_json(tmp_path):
     md, js = report.write(str(tmp_path), _rows(), {"bits": 2, "group": 64})
     text = open(md).read()
     assert "| jacquant | 9.133 ± 0.153 | 3 |" in text
+    assert "| jacquant | -1.000 | -1.100 | -1.100 | -1.067 ± 0.058 |" in text  # paired to STE, per seed
     data = json.load(open(js))
     assert len(data["rows"]) == 9 and data["verdicts"][0]["verdict"] == "beats"
     assert all(math.isfinite(v[k]) for e in data["summary"]["lm"].values() for v in e.values()
@@ -65,7 +66,7 @@ def test_merge_runs_keeps_fp_and_rtn_once_and_pairs_seeds(tmp_path):
              for m, v, s in (("fp", 5.0, 0), ("rtn", 50.0, 0), ("rtn", 50.0, 1))]
     rows = fixed[:2] + _rows() + fixed[2:]
     assert [merge.key(r) for r in rows].count(("lm", "rtn", None)) == 2
-    table = merge.paired_differences(_rows())
+    table = report.paired_differences(_rows())
     assert "| jacquant | -1.000 | -1.100 | -1.100 | -1.067 ± 0.058 |" in table
 
 

@@ -106,6 +106,24 @@ def markdown_table(track: str, methods: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(rows: list[dict], metric: str = "ppl", baseline: str = "ste") -> str:
+    """Per seed, method − baseline on ``metric`` of the LM track (negative = lower perplexity than the baseline),
+    and their mean ± sample std over the seeds both have: the same seed shares the data order and the
+    initial scales, so the paired differences vary less than either method's results."""
+    lm = [r for r in rows if r["track"] == "lm" and r["curve"]]
+    base = {r["seed"]: r["metrics"][metric] for r in lm if r["method"] == baseline}
+    methods = [m for m in dict.fromkeys(r["method"] for r in lm) if m != baseline]
+    seeds = sorted(base)
+    lines = [f"| method − {baseline} ({metric}) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---" * (len(seeds) + 2) + "|"]
+    for m in methods:
+        vals = {r["seed"]: r["metrics"][metric] - base[r["seed"]] for r in lm if r["method"] == m and r["seed"] in base}
+        d = list(vals.values())
+        summary = f"{statistics.fmean(d):+.3f} ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
+        lines.append(f"| {m} | " + " | ".join(f"{vals[s]:+.3f}" if s in vals else "" for s in seeds) + f" | {summary} |")
+    return "\n".join(lines)
+
+
 def verdict_lines(vs: list[dict]) -> list[str]:
     """Sentences like 'lm, ppl: jacquant beats ste by 0.12 (seed spread 0.05, 3 seeds)'."""
     return [f"- {v['track']}, {METRICS[v['metric']][0]}: **{v['method']} {v['verdict']} {v['baseline']}** "
@@ -130,6 +148,8 @@ def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "",
     md += verdict_lines(vs) or ["Not compared: this run does not hold a JacQuant method beside ste or stableqat "
                                 "(merge runs with benchmarks/merge_runs.py)."]
     md.append("")
+    if any(r["track"] == "lm" and r["method"] == "ste" and r["seed"] for r in rows if r["curve"]):
+        md += ["## Paired differences to STE per seed (LM track)", "", paired_differences(rows), ""]
     md.append(extra_md)
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w") as f:
