@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from .quantizer import SCALE_FLOOR, grouped, qmax, scaled
 from .site import Site, sites
 
-RULES = ("none", "ewgs", "gauss")
+RULES = ("none", "ewgs", "gauss", "fourier")
 PLACEMENTS = ("grad", "update")
 
 
@@ -47,6 +47,18 @@ def bin_offset(w: Tensor, scale: Tensor, zero_point: Tensor, group: int) -> Tens
     """r = v − round(v), v = w/s + z: the position of each weight in its bin, in [−½, ½], [N, K] fp32."""
     v = scaled(w.detach(), scale.detach(), zero_point, group)
     return (v - v.round()).reshape(w.shape).to(torch.float32)
+
+
+def fourier_factor(r: Tensor, amplitude: float) -> Tensor:
+    """StableQAT's factor from the bin offset r = v − round(v):
+
+        f = (1 − S)/(1 + S),   S = √2·π·A·cos(π r)
+
+    equal to :func:`jacquant.surrogates.stableqat_factor` (there written cos(π(v + round v)), the same
+    for |r| <= ½): 1 at a threshold (r = ±½), (1 − √2πA)/(1 + √2πA) on a grid point.
+    """
+    S = math.sqrt(2.0) * math.pi * amplitude * torch.cos(math.pi * r.to(torch.float32))
+    return (1 - S) / (1 + S)
 
 
 def ewgs_factor(r: Tensor, grad: Tensor, delta: Tensor | float) -> Tensor:
@@ -171,12 +183,15 @@ class ElementwiseConfig:
     """A per-element rule and where it acts.
 
     Attributes:
-        rule: "none", "ewgs" (B_i = 1 + δ sign(g_i) r_i) or "gauss" (Gaussian-dithered slope, width ``sigma``).
+        rule: "none", "ewgs" (B_i = 1 + δ sign(g_i) r_i), "gauss" (Gaussian-dithered slope, width ``sigma``)
+            or "fourier" (StableQAT's factor, amplitude ``amplitude``, applied by this hook instead of the op:
+            a control that separates the factor's shape from where it is applied).
         placement: "grad" (scale w.grad) or "update" (scale the optimizer's update, sign(g) = −sign(Δ)).
         delta: EWGS's δ; None fits it per layer by Hutchinson (:func:`hutchinson_trace`, :func:`ewgs_delta`)
             every ``refresh_every`` steps on the calibration loss.
         delta_mult: multiplies the fitted δ.
         sigma: width of "gauss" in scale units.
+        amplitude: StableQAT's A for "fourier".
         cage: λ of :func:`cage_term` (0 = off), added to w.grad.
         code_period, code_steps: every ``code_period`` steps the last ``code_steps`` are code-preserving
             (codes held, scales on their exact gradient, latent weights frozen in v); 0 = never.
@@ -188,6 +203,7 @@ class ElementwiseConfig:
     delta: Optional[float] = None
     delta_mult: float = 1.0
     sigma: float = 0.3
+    amplitude: float = 0.21
     cage: float = 0.0
     code_period: int = 0
     code_steps: int = 0
@@ -274,6 +290,8 @@ class ElementwiseHooks:
             return ewgs_factor(r, direction, self.deltas[st.name])
         if c.rule == "gauss":
             return _gauss_periodic(r, c.sigma)
+        if c.rule == "fourier":
+            return fourier_factor(r, c.amplitude)
         return torch.ones_like(r)
 
     @torch.no_grad()

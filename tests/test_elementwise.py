@@ -137,6 +137,19 @@ def test_gauss_scales_each_element_by_the_dithered_slope_at_its_position(placeme
     torch.testing.assert_close(model[0].weight.detach()[interior], expected[interior], rtol=1e-4, atol=1e-6)
 
 
+def test_fourier_hook_scales_the_gradient_like_the_stableqat_op():
+    """rule "fourier" through the optimizer hook: one SGD step equals the StableQAT op's own step."""
+    x, y = _data()
+    torch.manual_seed(0)  # as _model(): the same weights and scales, StableQAT's rule in the op
+    ref = jacquant.transform(nn.Sequential(nn.Linear(32, 8, bias=False)), bits=2, group=16, method="stableqat")
+    w0 = ref[0].weight.detach().clone()
+    _quad(ref, x, y).backward()
+    g_stable = ref[0].weight.grad.clone()
+    model = _model()
+    _sgd_step(model, ElementwiseConfig(rule="fourier", amplitude=0.21), x, y)
+    torch.testing.assert_close(model[0].weight.detach(), w0 - 0.1 * g_stable, rtol=1e-5, atol=1e-7)
+
+
 def test_ewgs_on_the_adamw_update_uses_minus_the_update_as_the_gradient_sign():
     x, y = _data()
     w0, g, s0, gs, q = _reference_grads(x, y)

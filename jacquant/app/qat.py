@@ -98,6 +98,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # σ = 0.15: a threshold-to-grid contrast like StableQAT's (2.66 vs 0.02; StableQAT 1 vs 0.035), chosen from
     # benchmarks/adam_eps.py (Adam cancels a constant factor, so only how fast it swings can matter)
     Recipe("jq-gauss-sharp", elementwise=ElementwiseConfig(rule="gauss", sigma=0.15)),
+    # control: StableQAT's own factor through the same hook (is it the factor's shape or where it is applied?)
+    Recipe("ste-fourier-hook", elementwise=ElementwiseConfig(rule="fourier")),
     Recipe("jq-cage", elementwise=ElementwiseConfig(rule="none", cage=0.5)),
     Recipe("jq-codes", elementwise=ElementwiseConfig(rule="none", code_period=4, code_steps=1)),
     Recipe("jq-data-dither", rule="jacquant", estimator="data_dither", width=0.5),
