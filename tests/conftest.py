@@ -36,3 +36,25 @@ def numpy_unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     for j in range(per):
         out[..., j::per] = (packed >> (j * bits)) & ((1 << bits) - 1)
     return out.reshape(n, -1)
+
+
+def assert_step_matches_eager(eager: nn.Module, other: nn.Module, run, idx: torch.Tensor,
+                              loss_tol: tuple = (1e-5, 1e-6), grad_tol: tuple = (1e-5, 1e-6)) -> None:
+    """One TinyGPT training step of ``eager`` and of ``other`` (called through ``run``, e.g. its compiled
+    form): the loss and every parameter's gradient agree, the scales' gradients included. Clears the grads."""
+    from jacquant.tiny_gpt import lm_loss
+
+    def grads(model):
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    loss_e = lm_loss(eager(idx), idx)
+    loss_e.backward()
+    loss_o = lm_loss(run(idx), idx)
+    loss_o.backward()
+    torch.testing.assert_close(loss_o, loss_e, rtol=loss_tol[0], atol=loss_tol[1])
+    ge, go = grads(eager), grads(other)
+    assert ge.keys() == go.keys() and any("scale" in k for k in ge)
+    for k in ge:
+        torch.testing.assert_close(go[k], ge[k], rtol=grad_tol[0], atol=grad_tol[1], msg=k)

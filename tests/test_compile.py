@@ -5,13 +5,8 @@ import pytest
 import torch
 
 import jacquant
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
-
-
-def _grads(model):
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
+from conftest import assert_step_matches_eager
+from jacquant.tiny_gpt import GPTConfig, TinyGPT
 
 
 def test_compiled_forward_and_backward_equal_eager():
@@ -22,16 +17,7 @@ def test_compiled_forward_and_backward_equal_eager():
             s.quantizer.jac.uniform_(0.5, 1.5)  # a non-trivial B so the jacquant backward is exercised
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)  # fullgraph: any graph break raises
-    idx = torch.randint(0, 64, (2, 16))
-    loss_e = lm_loss(eager(idx), idx)
-    loss_e.backward()
-    loss_c = lm_loss(compiled(idx), idx)
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-    ge, gc = _grads(eager), _grads(compiled_model)
-    assert ge.keys() == gc.keys() and any("scale" in k for k in ge)
-    for k in ge:
-        torch.testing.assert_close(gc[k], ge[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_step_matches_eager(eager, compiled_model, compiled, torch.randint(0, 64, (2, 16)))
 
 
 def test_compile_blocks_compiles_one_block_and_matches_eager(monkeypatch):
@@ -49,15 +35,7 @@ def test_compile_blocks_compiles_one_block_and_matches_eager(monkeypatch):
     regional = jacquant.compile_blocks(copy.deepcopy(eager))
     idx = torch.randint(0, 64, (2, 16))
     for _ in range(2):  # the second step runs from the compiled cache
-        loss_e = lm_loss(eager(idx), idx)
-        loss_e.backward()
-        loss_r = lm_loss(regional(idx), idx)
-        loss_r.backward()
-        torch.testing.assert_close(loss_r, loss_e, rtol=1e-5, atol=1e-6)
-        ge, gr = _grads(eager), _grads(regional)
-        assert ge.keys() == gr.keys() and any("scale" in k for k in ge)
-        for k in ge:
-            torch.testing.assert_close(gr[k], ge[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert_step_matches_eager(eager, regional, regional, idx)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one block compiled, 3 reuse it
 
 

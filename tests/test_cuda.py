@@ -108,31 +108,17 @@ def _tiny():
     return model
 
 
-def _grads(model):
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
 @pytest.mark.parametrize("regional", (False, True))
 def test_compile_matches_eager_on_cuda(regional):
     import jacquant
-    from jacquant.tiny_gpt import lm_loss
+    from conftest import assert_step_matches_eager
 
     torch._dynamo.reset()
     eager = _tiny()
     other = copy.deepcopy(eager)
     run = jacquant.compile_blocks(other) if regional else torch.compile(other, fullgraph=True)
-    idx = torch.randint(0, 64, (2, 16), device=DEV)
-    le = lm_loss(eager(idx), idx)
-    le.backward()
-    lc = lm_loss(run(idx), idx)
-    lc.backward()
-    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
-    ge, gc = _grads(eager), _grads(other)
-    assert ge.keys() == gc.keys()
-    for k in ge:
-        torch.testing.assert_close(gc[k], ge[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_step_matches_eager(eager, other, run, torch.randint(0, 64, (2, 16), device=DEV),
+                              loss_tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))

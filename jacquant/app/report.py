@@ -148,7 +148,7 @@ def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "",
     md += verdict_lines(vs) or ["Not compared: this run does not hold a JacQuant method beside ste or stableqat "
                                 "(merge runs with benchmarks/merge_runs.py)."]
     md.append("")
-    if any(r["track"] == "lm" and r["method"] == "ste" and r["seed"] for r in rows if r["curve"]):
+    if len({r["seed"] for r in rows if r["track"] == "lm" and r["method"] == "ste" and r["curve"]}) > 1:
         md += ["## Paired differences to STE per seed (LM track)", "", paired_differences(rows), ""]
     md.append(extra_md)
     md_path = os.path.join(out_dir, "results.md")
