@@ -43,10 +43,17 @@ def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path,
     md = (out / "results.md").read_text()
     assert "| jacquant |" in md and "onnxruntime" in md and "seed spread" in md and "Greedy continuations" in md
     assert "| **total** |" in md
-    ort_line = [ln for ln in md.splitlines() if ln.startswith("| onnxruntime |")][0]
-    torch_line = [ln for ln in md.splitlines() if ln.startswith("| PyTorch (fake quant) |")][0]
-    ort_ppl, torch_ppl = (float(ln.split("|")[2]) for ln in (ort_line, torch_line))
-    assert abs(ort_ppl - torch_ppl) / torch_ppl < 0.05  # int8 activations (accuracy_level 4) cost little
+    def ppl_line(start):
+        return float(next(ln for ln in md.splitlines() if ln.startswith(start)).split("|")[2])
+
+    torch_ppl = ppl_line("| PyTorch (fake quant) |")
+    fp32_ppl = ppl_line("| onnxruntime, accuracy_level 0")
+    int8_ppl = ppl_line("| onnxruntime, accuracy_level 4")
+    # fp32 activations compute what PyTorch computes up to summation order, on any CPU: the exported weights are the
+    # trained model's. (Level 4 quantizes activations with CPU-specific int8 kernels: near RTN a perplexity of
+    # 15,000 moved 5.6% on another machine, so it is reported, not held to a bound.)
+    assert abs(fp32_ppl - torch_ppl) / torch_ppl < 1e-3
+    assert math.isfinite(int8_ppl) and int8_ppl > 1
     assert "report:" in capsys.readouterr().out
 
 

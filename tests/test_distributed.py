@@ -7,7 +7,9 @@ DDP runs with ``broadcast_buffers=False`` so that nothing but ``sync_jac`` keeps
 """
 from __future__ import annotations
 
+import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -93,6 +95,16 @@ def _train_conv1d(model: nn.Module, rank: int, world: int) -> dict:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
+    """One rank: DDP, FSDP2 and the Conv1D sharding, results saved by rank 0; then a hard exit.
+
+    The ranks run the plain torch fake-quant path (``JACQUANT_FUSED_CPU=0``): no inductor compile, no compile
+    worker pool and no OpenMP pool in the children, so the only threads a rank owns are gloo's. After the
+    process group is destroyed and every file is written, ``os._exit(0)`` skips interpreter finalization:
+    there, C++ threads still joinable (gloo's, the TCP store's) are destroyed and abort the rank with
+    "terminate called without an active exception" (seen in both ranks of fresh-clone CI runs, pytorch#190489),
+    which fails the fixture although every result is on disk.
+    """
+    os.environ["JACQUANT_FUSED_CPU"] = "0"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -123,8 +135,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         state = _train_conv1d(conv, rank, WORLD)
         if rank == 0:
             torch.save({"model": state, "refused": refused, "placements": placements}, f"{out}/conv1d.pt")
+        dist.barrier()  # rank 0's files are written before either rank leaves
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # reached only without an exception (which mp.spawn reports with its traceback)
 
 
 def _free_port() -> int:

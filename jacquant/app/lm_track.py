@@ -245,14 +245,27 @@ def _row(method: str, seed: int, ppl: float, seconds: float, curve: list[float],
             "seconds": seconds, "curve": curve, "log": log}
 
 
-def onnx_perplexity(path: str, windows: Tensor, batch: int = 8) -> float:
+def onnx_perplexity(path: str, windows: Tensor, batch: int = 8, accuracy_level: Optional[int] = None) -> float:
     """exp(mean next-token cross entropy) of an exported KV-cache decoder (:func:`jacquant.export_onnx` with
-    ``kv_cache=True``) run by onnxruntime over ``windows``, each window one prefill from an empty cache."""
+    ``kv_cache=True``) run by onnxruntime over ``windows``, each window one prefill from an empty cache.
+
+    ``accuracy_level`` runs the file's graph with every MatMulNBits set to that level instead of the file's own
+    (0: fp32 activations, the level at which onnxruntime computes what PyTorch computes up to summation order)."""
     import numpy as np
 
     from ..export import Decoder
+    from ..export.generation import session
 
-    dec = Decoder(path, threads=max(1, torch.get_num_threads()))
+    threads = max(1, torch.get_num_threads())
+    if accuracy_level is None:
+        dec = Decoder(path, threads=threads)
+    else:
+        import onnx
+
+        from ..export.lower import with_accuracy_level
+
+        graph = with_accuracy_level(onnx.load(path), accuracy_level).SerializeToString()
+        dec = Decoder(session(graph, threads))
     total = 0.0
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch].cpu()

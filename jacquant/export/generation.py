@@ -37,9 +37,9 @@ class Generation:
     logits: list = field(default_factory=list)  # per new token, the logits [V] it was chosen from (keep_logits)
 
 
-def session(path: str, threads: Optional[int] = 2, options: Optional[dict] = None):
-    """An onnxruntime CPU session for a decoder file (``threads`` intra-op threads, spinning off so that
-    shared cores are not burnt between runs unless ``options`` says otherwise)."""
+def session(path: Union[str, bytes], threads: Optional[int] = 2, options: Optional[dict] = None):
+    """An onnxruntime CPU session for a decoder file or serialized model (``threads`` intra-op threads,
+    spinning off so that shared cores are not burnt between runs unless ``options`` says otherwise)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -131,6 +131,24 @@ def to_matmulnbits(model: onnx.ModelProto, accuracy_level: int) -> onnx.ModelPro
     return model
 
 
+def with_accuracy_level(model: onnx.ModelProto, accuracy_level: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose every ``MatMulNBits`` has ``accuracy_level`` (0/1: fp32 activations, 4: int8).
+
+    The weights are untouched: the level only selects onnxruntime's kernel (and so whether the activations
+    are quantized to int8 on the fly). Raises ValueError for a model with no MatMulNBits.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = [n for n in out.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
+    if not nodes:
+        raise ValueError("with_accuracy_level: the model has no com.microsoft.MatMulNBits node")
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("accuracy_level", accuracy_level)])
+    return out
+
+
 def to_dequantize_linear(model: onnx.ModelProto) -> onnx.ModelProto:
     """Each PackedLinear -> blocked ``DequantizeLinear`` + ``MatMul`` (+ ``Add``), standard ops only, in place.
 
