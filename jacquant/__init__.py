@@ -1,6 +1,7 @@
 """jacquant: ultra-low-bit quantization-aware training with learned Jacobian surrogates."""
 from . import optim
 from .api import summary, transform
+from .calibrate import calibrate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compile import compile_blocks
 from .config import QuantConfig
@@ -16,7 +17,7 @@ __all__ = [
     "save_converted", "sites", "stats", "step", "summary", "transform",
 ]
 __all__ += ["NonFiniteError", "check_finite", "guard"]
-__all__ += ["compile_blocks"]
+__all__ += ["compile_blocks", "calibrate"]
 __version__ = "0.1.0"
 
 _LAZY = {"export_onnx": ".export", "plot": ".plot"}  # need onnx / matplotlib: imported on first use

@@ -13,6 +13,10 @@ Rules (pure functions below; :class:`ElementwiseConfig` and :func:`attach` wire 
               δ per layer from a Hutchinson estimate of the Hessian trace in v-units:
               δ = (tr H_v / n) / (3 · std(g_v)),  H_v = diag(s) H_q diag(s),  g_v = s ⊙ g_q
     gauss     B_i = Σ_k φ((τ_k − v_i)/σ) / σ                 (slope of the Gaussian-dithered quantizer)
+    fourier   B_i = (1 − c cos πr_i)/(1 + c cos πr_i), c = √2πA   (StableQAT's factor; A fixed, or fitted per
+                                                              layer/group with ``fit``)
+    shape     B_i = 1 + Σ_k a_k cos(2πk r_i)                 (the learned shape, :mod:`jacquant.shape`: a fixed at
+                                                              StableQAT's, or fitted per layer/group by Dither or Probe)
     cage      dL/dw_i += λ · rms(m ⊙ g_q) · 2 r_i            (CAGE's pull λ'(w − Q(w)) toward the grid,
                                                               λ' = 2λ·rms(g)/s relative to the layer's gradient)
     code phase   codes held: w frozen in v (w ← w · s_new/s_old after the step), the scale trains on
@@ -35,9 +39,13 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .quantizer import SCALE_FLOOR, grouped, qmax, scaled
+from .shape import (amplitude_for_shape, amplitude_for_sigma, dither_shape, fourier_factor, fourier_shape, positive, probe_shape,
+                    shape_factor, travel)
 from .site import Site, sites
 
-RULES = ("none", "ewgs", "gauss", "fourier")
+RULES = ("none", "ewgs", "gauss", "fourier", "shape")
+FITS = ("fixed", "dither", "probe")
+PER = ("layer", "group")
 PLACEMENTS = ("grad", "update")
 
 
@@ -47,18 +55,6 @@ def bin_offset(w: Tensor, scale: Tensor, zero_point: Tensor, group: int) -> Tens
     """r = v − round(v), v = w/s + z: the position of each weight in its bin, in [−½, ½], [N, K] fp32."""
     v = scaled(w.detach(), scale.detach(), zero_point, group)
     return (v - v.round()).reshape(w.shape).to(torch.float32)
-
-
-def fourier_factor(r: Tensor, amplitude: float) -> Tensor:
-    """StableQAT's factor from the bin offset r = v − round(v):
-
-        f = (1 − S)/(1 + S),   S = √2·π·A·cos(π r)
-
-    equal to :func:`jacquant.surrogates.stableqat_factor` (there written cos(π(v + round v)), the same
-    for |r| <= ½): 1 at a threshold (r = ±½), (1 − √2πA)/(1 + √2πA) on a grid point.
-    """
-    S = math.sqrt(2.0) * math.pi * amplitude * torch.cos(math.pi * r.to(torch.float32))
-    return (1 - S) / (1 + S)
 
 
 def ewgs_factor(r: Tensor, grad: Tensor, delta: Tensor | float) -> Tensor:
@@ -195,7 +191,15 @@ class ElementwiseConfig:
         cage: λ of :func:`cage_term` (0 = off), added to w.grad.
         code_period, code_steps: every ``code_period`` steps the last ``code_steps`` are code-preserving
             (codes held, scales on their exact gradient, latent weights frozen in v); 0 = never.
-        refresh_every, n_probes: the Hutchinson refresh of δ.
+        refresh_every, n_probes: the Hutchinson refresh of δ (and the refresh period of a fitted shape).
+        fit: for "shape" and "fourier": "fixed" (StableQAT's shape / ``amplitude``), "dither" (σ = the distance the
+            weights travelled since the last refresh, :func:`jacquant.shape.dither_shape`) or "probe" (loss changes
+            of ±δ probes regressed on the basis, :func:`jacquant.shape.probe_shape`; needs the calibration loss).
+        per: "layer" (one shape per site) or "group" (one per group of G weights; not with "probe").
+        n_basis: harmonics n of the shape family.
+        shape_probes, probe_delta, probe_ridge: Probe's probes per refresh, their size δ (scale units), the ridge
+            toward StableQAT's shape.
+        sigma_min: the smallest dither width (bin units) "dither" uses.
     """
 
     rule: str = "ewgs"
@@ -209,6 +213,13 @@ class ElementwiseConfig:
     code_steps: int = 0
     refresh_every: int = 100
     n_probes: int = 1
+    fit: str = "fixed"
+    per: str = "layer"
+    n_basis: int = 3
+    shape_probes: int = 32
+    probe_delta: float = 0.5
+    probe_ridge: float = 1.0
+    sigma_min: float = 0.05
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -221,10 +232,23 @@ class ElementwiseConfig:
             raise ValueError(f"ElementwiseConfig code_steps={self.code_steps} must lie in [0, code_period={self.code_period}]")
         if self.refresh_every < 1 or self.n_probes < 1:
             raise ValueError("ElementwiseConfig.refresh_every and n_probes must be >= 1")
+        if self.fit not in FITS or self.per not in PER:
+            raise ValueError(f"ElementwiseConfig fit={self.fit!r} / per={self.per!r}: choose fit from {FITS}, per from {PER}")
+        if self.fit != "fixed" and self.rule not in ("shape", "fourier"):
+            raise ValueError(f"ElementwiseConfig.fit={self.fit!r} fits a shape: use rule 'shape' or 'fourier'")
+        if self.fit == "probe" and self.per == "group":
+            raise ValueError("ElementwiseConfig: fit='probe' regresses one shape per layer (per='layer'); a shape per "
+                             "group would need more probes than any budget allows")
+        if self.n_basis < 1 or self.shape_probes < 1:
+            raise ValueError("ElementwiseConfig.n_basis and shape_probes must be >= 1")
 
     @property
     def needs_loss(self) -> bool:
-        return self.rule == "ewgs" and self.delta is None
+        return (self.rule == "ewgs" and self.delta is None) or self.fit == "probe"
+
+    @property
+    def fitted(self) -> bool:
+        return self.rule in ("shape", "fourier") and self.fit != "fixed"
 
 
 class ElementwiseHooks:
@@ -245,6 +269,10 @@ class ElementwiseHooks:
         self.gen = torch.Generator().manual_seed(seed)
         self.t = 0
         self.deltas = {s.name: (config.delta if config.delta is not None else 0.0) for s in found}
+        prior = fourier_shape(config.amplitude, config.n_basis)
+        self.shapes = {s.name: prior.clone() for s in found}  # "shape": a per site, [n] or [N, K/G, n]
+        self.amplitudes = {s.name: torch.tensor(float(config.amplitude)) for s in found}  # "fourier": A, [] or [N, K/G]
+        self._before: dict[str, Tensor] = {}  # "dither": the weights at the last refresh
         self._saved: list = []
         self._handles: list[RemovableHandle] = [optimizer.register_step_pre_hook(self._pre),
                                                 optimizer.register_step_post_hook(self._post)]
@@ -255,8 +283,10 @@ class ElementwiseHooks:
         self._handles = []
 
     def state_dict(self) -> dict:
-        """What the hooks carry between steps: the step count (code phases), δ per site, the probes' RNG."""
-        return {"t": self.t, "deltas": dict(self.deltas), "rng": self.gen.get_state()}
+        """What the hooks carry between steps: the step count (code phases), δ, the fitted shapes or amplitudes and
+        the weights at the last refresh per site, the probes' RNG."""
+        return {"t": self.t, "deltas": dict(self.deltas), "rng": self.gen.get_state(), "shapes": dict(self.shapes),
+                "amplitudes": dict(self.amplitudes), "before": dict(self._before)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (a resumed run then continues bit for bit)."""
@@ -265,6 +295,9 @@ class ElementwiseHooks:
             raise ValueError(f"elementwise state has no δ for sites {sorted(missing)[:3]}: saved from another model?")
         self.t, self.deltas = int(state["t"]), {k: float(v) for k, v in state["deltas"].items()}
         self.gen.set_state(state["rng"])
+        self.shapes = {k: v.clone() for k, v in state.get("shapes", self.shapes).items()}
+        self.amplitudes = {k: v.clone() for k, v in state.get("amplitudes", self.amplitudes).items()}
+        self._before = {k: v.clone() for k, v in state.get("before", {}).items()}
 
     def code_phase(self, t: int) -> bool:
         c = self.config
@@ -284,21 +317,58 @@ class ElementwiseHooks:
             self.deltas[st.name] = c.delta_mult * ewgs_delta(traces[st.name], gv)
 
     @torch.no_grad()
+    def refit(self) -> None:
+        """Fit the shape ("shape") or the amplitude ("fourier") of every site (see :class:`ElementwiseConfig`.fit)."""
+        c = self.config
+        if c.fit == "probe":
+            grads, offsets = [], []
+            for st in self.sites:
+                q = st.quantizer
+                grads.append(q.as_nk(st.weight.grad) if st.weight.grad is not None else torch.zeros_like(q.as_nk(st.weight)))
+                offsets.append(bin_offset(q.as_nk(st.weight), q.scale, q.zero_point, q.group))
+            fitted = probe_shape(self.loss_fn, self.sites, grads, offsets, c.n_basis, c.probe_delta, c.shape_probes,
+                                 fourier_shape(c.amplitude, c.n_basis), c.probe_ridge, self.gen)
+        else:  # dither: σ = how far the weights moved since the last refresh (StableQAT's shape before any history)
+            fitted = {}
+            for st in self.sites:
+                q, w = st.quantizer, st.quantizer.as_nk(st.weight).detach()
+                if st.name in self._before:
+                    sigma = travel(w, self._before[st.name], q.scale, q.group, c.per).clamp_min(c.sigma_min)
+                    if c.rule == "fourier":
+                        self.amplitudes[st.name] = amplitude_for_sigma(sigma, c.n_basis)
+                    else:
+                        fitted[st.name] = positive(dither_shape(sigma, c.n_basis))
+                self._before[st.name] = w.clone()
+        for name, a in fitted.items():
+            self.shapes[name] = a
+            if c.rule == "fourier":
+                self.amplitudes[name] = amplitude_for_shape(a)
+
+    @torch.no_grad()
     def _factor(self, st: Site, r: Tensor, direction: Tensor) -> Tensor:
         c = self.config
         if c.rule == "ewgs":
             return ewgs_factor(r, direction, self.deltas[st.name])
         if c.rule == "gauss":
             return _gauss_periodic(r, c.sigma)
-        if c.rule == "fourier":
-            return fourier_factor(r, c.amplitude)
+        if c.rule in ("fourier", "shape"):
+            group = st.quantizer.group
+            rg = r.reshape(r.shape[0], -1, group)  # [N, K/G, G]
+            if c.rule == "fourier":
+                amp = self.amplitudes[st.name] if c.fitted else c.amplitude
+                amp = amp.unsqueeze(-1).to(r.device) if isinstance(amp, Tensor) and amp.ndim else amp
+                return fourier_factor(rg, amp).reshape(r.shape)
+            a = self.shapes[st.name]
+            return shape_factor(rg, a.unsqueeze(-2) if a.ndim > 1 else a).reshape(r.shape)
         return torch.ones_like(r)
 
     @torch.no_grad()
     def _pre(self, opt, args, kwargs) -> None:
         c = self.config
-        if c.needs_loss and self.t % c.refresh_every == 0:
+        if c.rule == "ewgs" and c.needs_loss and self.t % c.refresh_every == 0:
             self.refresh()
+        if c.fitted and self.t % c.refresh_every == 0:
+            self.refit()
         code = self.code_phase(self.t)
         self._saved = []
         for st in self.sites:

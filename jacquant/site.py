@@ -32,6 +32,7 @@ class WeightQuantizer(nn.Module):
         self.name, self.weight_attr, self.op, self.transposed = name, weight_attr, op, transposed
         self.bits, self.group = config.bits, group_size(k, config.group)
         self.rule, self.amplitude = config.method, float(config.amplitude)
+        self.init, self.symmetric = config.init, config.symmetric  # how the grid is (re)fitted: calibrate, GPTQ
         scale, zero_point = init_scale(w, config.bits, self.group, config.init, config.symmetric)
         self.scale = nn.Parameter(scale.to(w.device))
         self.register_buffer("zero_point", zero_point.to(w.device))

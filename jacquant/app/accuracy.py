@@ -47,6 +47,7 @@ def run_accuracy(
     corpus: str = "auto",
     export: bool = True,
     device: str = "cpu",
+    pipeline=None,
     log=print,
 ) -> dict:
     """Run the benchmark and write the report; returns ``{"summary", "verdicts", "paths", "onnx"}``."""
@@ -76,7 +77,8 @@ def run_accuracy(
 
     if "lm" in tracks:
         budget = lm_track.QUICK if quick else lm_track.DEFAULT
-        budget = replace(budget, steps=lm_steps or budget.steps, lr=lm_lr or budget.lr, loss=lm_loss or budget.loss)
+        budget = replace(budget, steps=lm_steps or budget.steps, lr=lm_lr or budget.lr, loss=lm_loss or budget.loss,
+                         pipeline=pipeline or budget.pipeline)
         with timed("lm: load SmolLM2-135M (GGUF conversion on first use)"):
             fp, tok, info = lm_track.load_fp(log=log, device=device)
         with timed("lm: tokenize the corpus (cached after first use)"):

@@ -40,8 +40,39 @@ def _threads(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's; use 1 when other jobs share the cores)")
 
 
+def _pipeline(p: argparse.ArgumentParser, default) -> None:
+    """Flags of the calibrated start and the block-wise phase (issue 19). Unset flags keep the command's own
+    pipeline (``default``, named in the help; ``--quick`` has a smaller one)."""
+    g = p.add_argument_group("pipeline (before end-to-end QAT)")
+    g.add_argument("--start", choices=("rtn", "gptq"), default=None,
+                   help=f"the weights QAT starts from: round-to-nearest or GPTQ on calibration windows (default {default.start})")
+    g.add_argument("--calib-windows", type=int, default=None,
+                   help=f"calibration windows for GPTQ and the block-wise phase (default {default.calib_windows})")
+    g.add_argument("--block-steps", type=int, default=None,
+                   help=f"block-wise steps per decoder block, 0 = no block-wise phase (default {default.block.steps})")
+    g.add_argument("--block-lr", type=float, default=None, help=f"block-wise learning rate (default {default.block.lr:g})")
+    g.add_argument("--block-inputs", choices=("quantized", "fp"), default=None,
+                   help="block i learns from the trained quantized blocks' outputs or from the fp model's activations "
+                        f"(default {default.block.inputs})")
+    g.add_argument("--e2e-params", choices=("all", "scales"), default=None,
+                   help=f"what end-to-end QAT trains: all parameters or the scales only (default {default.e2e_params})")
+
+
+def pipeline_from_args(args: argparse.Namespace, base, **fixed):
+    """``base`` (a Pipeline) with the flags of :func:`_pipeline` that were given, and ``fixed`` fields."""
+    from dataclasses import replace
+
+    block = {k: v for k, v in (("steps", args.block_steps), ("lr", args.block_lr), ("inputs", args.block_inputs))
+             if v is not None}
+    top = {k: v for k, v in (("start", args.start), ("calib_windows", args.calib_windows),
+                             ("e2e_params", args.e2e_params)) if v is not None}
+    return replace(base, block=replace(base.block, **block), **top, **fixed)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .lm_track import DEFAULT
     from .qat import DEFAULT_METHODS, RECIPES
+    from .workflow import TrainArgs
 
     parser = argparse.ArgumentParser(
         prog="jacquant", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--corpus", default="auto", help="auto, python-doc, stdlib, or a directory of *.txt files")
     run.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     run.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    _pipeline(run, DEFAULT.pipeline)
 
     tr = sub.add_parser("train", help="2-bit QAT of your causal LM (.gguf or Hugging Face) on your text files",
                         description="QAT of a causal LM (a .gguf file, a Hugging Face directory or a name in the local cache) on "
@@ -88,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int, default=50,
                     help="write --out/checkpoint.pt every N steps; the same command resumes from it (0: never; "
                          "default 50)")
+    _pipeline(tr, TrainArgs.__dataclass_fields__["pipeline"].default_factory())
 
     ev = sub.add_parser("eval", help="validation perplexity of a full-precision or trained model")
     ev.add_argument("model")
@@ -133,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.command == "run":
         from .accuracy import run_accuracy
+        from .lm_track import DEFAULT, QUICK
 
         out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         result = run_accuracy(
@@ -140,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
             seeds=tuple(range(args.seed, args.seed + args.seeds)),
             bits=args.bits, group=args.group, quick=args.quick, lm_steps=args.steps, lm_lr=args.lr, lm_loss=args.loss,
-            encoder_steps=args.encoder_steps, corpus=args.corpus, export=not args.no_export, device=args.device)
+            encoder_steps=args.encoder_steps, corpus=args.corpus, export=not args.no_export, device=args.device,
+            pipeline=pipeline_from_args(args, (QUICK if args.quick else DEFAULT).pipeline))
         print(open(result["paths"]["results_md"]).read())
         print(f"report: {result['paths']['results_md']} ({result['seconds']:.0f} s)")
     elif args.command == "train":
@@ -150,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, text=args.text, out=args.out, bits=args.bits, group=args.group, method=args.method,
             steps=args.steps, tokens=args.tokens, seq=args.seq, batch=args.batch, lr=args.lr, seed=args.seed,
             device=args.device, loss=args.loss, freeze_embedding=not args.train_embedding,
-            checkpoint_every=args.checkpoint_every))
+            checkpoint_every=args.checkpoint_every,
+            pipeline=pipeline_from_args(args, TrainArgs.__dataclass_fields__["pipeline"].default_factory(),
+                                        calib_seq=args.seq)))
         print(json.dumps(summary, indent=1))
     elif args.command == "eval":
         from .workflow import eval_model

@@ -120,6 +120,27 @@ def load_corpus(source: str = "auto") -> Corpus:
     raise ValueError(f"corpus {source!r} is not 'auto', 'python-doc', 'stdlib' or a directory of *.txt files")
 
 
+OTHER_TEXT = "/usr/share/doc/debian/FAQ/debian-faq.en.txt.gz"  # Debian's debian-faq package: English prose
+
+
+def other_english_text(path: str = OTHER_TEXT) -> str:
+    """A second English text that nothing is trained or tuned on: the Debian FAQ (``apt-get install debian-faq``),
+    plain text with its indentation collapsed (runs of spaces become one; line breaks stay).
+
+    It is prose about an operating system, not Python: perplexity on it shows what QAT on the Python
+    documentation does to the model's English outside that domain (the main job's windows reward adapting to
+    the docs). Raises FileNotFoundError naming the package when it is absent.
+    """
+    import gzip
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; apt-get install debian-faq (the second English text)")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    return "\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines())
+
+
 def read_text_files(paths: list[str]) -> Tensor:
     """UTF-8 bytes of the user's text files, joined by blank lines, uint8 [n]."""
     docs = []

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -38,7 +38,9 @@ from torch import Tensor
 
 from . import data
 from ..config import QuantConfig
-from .qat import Recipe, quantize_copy, train
+from .blockwise import BlockwiseConfig, train_blocks
+from .pipeline import Pipeline, calibrated_start, calibration_windows, train_only_scales, with_rule
+from .qat import Recipe, train
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
            "A dictionary in Python maps")
@@ -46,7 +48,11 @@ PROMPTS = ("The Python programming language is", "To read a file line by line, y
 
 @dataclass
 class Budget:
-    """Steps and shapes of one run of the track (``DEFAULT`` and ``QUICK`` below)."""
+    """Steps and shapes of one run of the track (``DEFAULT`` and ``QUICK`` below).
+
+    ``steps``, ``lr``, ``batch``, ``seq`` and ``loss`` are the end-to-end phase's; ``pipeline`` holds the
+    calibrated start and the block-wise phase before it (:class:`jacquant.app.pipeline.Pipeline`).
+    """
 
     steps: int = 60
     lr: float = 1e-3
@@ -57,10 +63,16 @@ class Budget:
     loss: str = "kd"
     freeze_embedding: bool = True
     generate_tokens: int = 24
+    pipeline: Pipeline = field(default_factory=Pipeline)
+
+    @property
+    def e2e_tokens(self) -> int:
+        return self.steps * self.batch * self.seq
 
 
 DEFAULT = Budget()
-QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, generate_tokens=8)
+QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, generate_tokens=8,
+               pipeline=Pipeline(calib_windows=4, calib_seq=32, block=BlockwiseConfig(steps=2, batch=2)))
 LOSSES = ("ce", "kd")
 
 
@@ -176,13 +188,17 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
         budget: Budget, out_dir: Optional[str] = None, log=print) -> tuple[list[dict], dict[str, nn.Module]]:
     """QAT of ``fp_model`` by each method and seed; returns (rows, {method: model of seed ``seeds[0]``}).
 
-    Every method sees the same batches for a given seed (windows drawn with that seed), the same
-    steps, learning rate and loss. Rows: ``{"track": "lm", "method", "seed", "metrics": {"ppl",
-    "val_loss"}, "seconds", "tokens", "tokens_per_s", "curve", "log"}``, with a first row for the fp model.
+    Per seed: the calibration windows (drawn with the seed from the training stream) and the pipeline's
+    start (RTN or GPTQ, :func:`jacquant.app.pipeline.calibrated_start`), shared by every method; then per
+    trained method its copy with the method's backward rule, the block-wise phase and the end-to-end
+    phase, on the same batches for every method. Rows ``rtn`` (the transform's grid) and ``gptq`` (the
+    calibrated start, untrained) are evaluated where asked. Rows: ``{"track": "lm", "method", "seed",
+    "metrics": {"ppl", "val_loss"}, "seconds", "tokens" (end-to-end), "calib_tokens", "tokens_per_s",
+    "curve", "block_curves", "log"}``, with a first row for the fp model.
     """
     device = next(fp_model.parameters()).device
     windows = eval_windows(toks.valid, budget.eval_windows, budget.eval_seq).to(device)
-    calib = next(data.windows(toks.train, budget.batch, budget.seq, 1, 10_000, device))
+    probe = next(data.windows(toks.train, budget.batch, budget.seq, 1, 10_000, device))
     fp_model.eval()
     t0 = time.perf_counter()
     rows = [_row("fp", 0, perplexity(fp_model, windows), 0.0, [], None)]
@@ -190,25 +206,51 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
     objective = loss_fn(budget.loss, fp_model)
     kept: dict[str, nn.Module] = {}
     config = QuantConfig(bits=bits, group=group)
-    for recipe in methods:
-        for seed in (seeds if recipe.train else seeds[:1]):
+    pipe = budget.pipeline
+    for seed in seeds:
+        needs_calib = pipe.calib_tokens or any(r.name == "gptq" for r in methods)
+        calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, seed + 1000).to(device) \
+            if needs_calib else None
+        starts: dict[str, tuple[nn.Module, float]] = {}
+
+        def start(kind: str) -> tuple[nn.Module, float]:
+            if kind not in starts:
+                t = time.perf_counter()
+                torch.manual_seed(seed)
+                model = calibrated_start(fp_model, config, replace(pipe, start=kind), calib)
+                if budget.freeze_embedding:
+                    freeze_embedding(model)
+                starts[kind] = (model, time.perf_counter() - t)
+            return starts[kind]
+
+        for recipe in methods:
+            if not recipe.train and recipe.name != "gptq" and seed != seeds[0]:
+                continue  # RTN does not depend on the seed
             t0 = time.perf_counter()
-            torch.manual_seed(seed)
-            model = quantize_copy(fp_model, recipe, config)
-            if budget.freeze_embedding:
-                freeze_embedding(model)
+            base, start_s = start("gptq" if recipe.name == "gptq" else "rtn" if not recipe.train else pipe.start)
+            model = with_rule(base, recipe.rule) if recipe.train else base
             curve: list[float] = []
+            block_curves: list[list[float]] = []
             logp, train_s = None, 0.0
             if recipe.train:
+                torch.manual_seed(seed)
+                if pipe.block.steps:
+                    block_curves = train_blocks(model, fp_model, recipe, calib, pipe.block, seed=seed)["curves"]
+                if pipe.e2e_params == "scales":
+                    train_only_scales(model)
                 logp = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
                 batches = data.windows(toks.train, budget.batch, budget.seq, budget.steps, seed + 1, device)
                 curve = train(model, recipe, batches, objective, budget.steps, budget.lr, seed=seed,
-                              warmup=max(1, budget.steps // 20), calib_batch=calib, log_path=logp,
+                              warmup=max(1, budget.steps // 20), calib_batch=probe, log_path=logp,
                               log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
                 train_s = time.perf_counter() - t0
-            row = _row(recipe.name, seed, perplexity(model, windows), time.perf_counter() - t0, curve, logp)
-            n_tok = budget.steps * budget.batch * budget.seq if recipe.train else 0
-            row.update(tokens=n_tok, tokens_per_s=n_tok / train_s if train_s else None)
+            seconds = time.perf_counter() - t0 + start_s  # the shared start counts for every method that uses it
+            row = _row(recipe.name, seed, perplexity(model, windows), seconds, curve, logp)
+            calib_tokens = pipe.calib_windows * pipe.calib_seq if recipe.name == "gptq" else \
+                pipe.calib_tokens if recipe.train else 0
+            n_tok = budget.e2e_tokens if recipe.train else 0
+            row.update(tokens=n_tok, calib_tokens=calib_tokens, tokens_per_s=n_tok / train_s if train_s else None,
+                       block_curves=block_curves)
             rows.append(row)
             log(f"{recipe.name} seed {seed}: held-out perplexity {row['metrics']['ppl']:.3f} "
                 f"({row['seconds']:.0f} s" + (f", {row['tokens_per_s']:.0f} training tokens/s)" if n_tok else ")"))

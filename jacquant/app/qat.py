@@ -4,6 +4,7 @@ A :class:`Recipe` names a method as the accuracy benchmark compares them: the ba
 for JacQuant which estimator refreshes B and where B enters (method.md):
 
     rtn          round-to-nearest PTQ: the MSE-initialised grid, no training
+    gptq         the calibrated start (GPTQ on the calibration windows), no training
     ste          clipped straight-through estimator
     stableqat    StableQAT's Fourier surrogate, A = 0.21
     jacquant     the library default: Dither (h = 2), B on the update, AdamW
@@ -81,6 +82,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("rtn", train=False),
+    Recipe("gptq", train=False),  # the calibrated start (jacquant.calibrate), untrained
     Recipe("ste"),
     Recipe("stableqat", rule="stableqat"),
     Recipe("jacquant", rule="jacquant", estimator="dither"),
@@ -100,13 +102,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-gauss-sharp", elementwise=ElementwiseConfig(rule="gauss", sigma=0.15)),
     # control: StableQAT's own factor through the same hook (is it the factor's shape or where it is applied?)
     Recipe("ste-fourier-hook", elementwise=ElementwiseConfig(rule="fourier")),
+    # issue 21: the learned shape B(r) = 1 + Σ a_k cos 2πk r (jacquant.shape) and StableQAT's shape with a fitted A
+    Recipe("jq-shape-fixed", elementwise=ElementwiseConfig(rule="shape", n_basis=3)),  # control: StableQAT's, 3 terms
+    Recipe("jq-shape", elementwise=ElementwiseConfig(rule="shape", fit="dither", refresh_every=10)),
+    Recipe("jq-shape-group", elementwise=ElementwiseConfig(rule="shape", fit="dither", per="group", refresh_every=10)),
+    Recipe("jq-shape-k30", elementwise=ElementwiseConfig(rule="shape", fit="dither", refresh_every=30)),
+    Recipe("jq-amp", elementwise=ElementwiseConfig(rule="fourier", fit="dither", refresh_every=10)),
+    Recipe("jq-amp-group", elementwise=ElementwiseConfig(rule="fourier", fit="dither", per="group", refresh_every=10)),
+    Recipe("jq-shape-probe", elementwise=ElementwiseConfig(rule="shape", fit="probe", refresh_every=10)),
+    Recipe("jq-amp-probe", elementwise=ElementwiseConfig(rule="fourier", fit="probe", refresh_every=10)),
     Recipe("jq-cage", elementwise=ElementwiseConfig(rule="none", cage=0.5)),
     Recipe("jq-codes", elementwise=ElementwiseConfig(rule="none", code_period=4, code_steps=1)),
     Recipe("jq-data-dither", rule="jacquant", estimator="data_dither", width=0.5),
     Recipe("ste-vrm", optimizer="vrm"),
     Recipe("jq-ewgs-vrm", optimizer="vrm", elementwise=ElementwiseConfig(rule="ewgs")),
 )}
-DEFAULT_METHODS = ("rtn", "ste", "stableqat", "jacquant")
+DEFAULT_METHODS = ("rtn", "gptq", "ste", "stableqat", "jacquant")
 
 
 def recipes(names: Iterable[str]) -> list[Recipe]:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -22,11 +23,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import gguf, lm_track
+from ..calibrate import calibrate
 from ..config import QuantConfig
 from ..convert import convert, load_converted, save_converted
 from .data import windows
 from ..plot import plot
-from .qat import RECIPES, quantize_copy, train
+from .blockwise import train_blocks
+from .pipeline import Pipeline, calibrated_start, calibration_windows, train_only_scales
+from .qat import RECIPES, train
 
 VALID_FRACTION = 0.1
 
@@ -52,6 +56,7 @@ class TrainArgs:
     loss: str = "kd"
     freeze_embedding: bool = True
     checkpoint_every: int = 50
+    pipeline: Pipeline = field(default_factory=Pipeline)  # the calibrated start and the block-wise phase (issue 19)
 
 
 def resolve_model(name: str) -> str:
@@ -130,22 +135,41 @@ def train_model(a: TrainArgs, log=print) -> dict:
         f"and {len(valid_ids):,} validation tokens ({'bytes' if tok is None else type(tok).__name__})")
     fp_ppl = perplexity(fp, valid_ids, a.seq, a.eval_windows)
     recipe = RECIPES[a.method]
-    model = quantize_copy(fp, recipe, QuantConfig(bits=a.bits, group=a.group))
+    config = QuantConfig(bits=a.bits, group=a.group)
+    pipe = a.pipeline
+    os.makedirs(a.out, exist_ok=True)
+    ckpt, start_ckpt, block_dir = (os.path.join(a.out, n) for n in ("checkpoint.pt", "start.pt", "blockwise"))
+    model = calibrated_start(fp, replace(config, method=recipe.rule), replace(pipe, start="rtn"), None)  # GPTQ below
     if a.freeze_embedding:
         lm_track.freeze_embedding(model)
+    rtn_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
+    t0 = time.perf_counter()
+    calib = calibration_windows(train_ids, pipe.calib_windows, pipe.calib_seq, a.seed + 1000).to(a.device) \
+        if pipe.calib_tokens else None
+    resuming = os.path.exists(ckpt)  # the end-to-end checkpoint holds the whole model: the phases before are done
+    if resuming:
+        log(f"resuming end-to-end QAT from {ckpt}")
+    elif os.path.exists(os.path.join(block_dir, "blockwise.pt")):
+        log(f"resuming the block-wise phase from {block_dir}")
+    elif pipe.start == "gptq":
+        if os.path.exists(start_ckpt):
+            model.load_state_dict(torch.load(start_ckpt, map_location=a.device, weights_only=True))
+        else:
+            calibrate(model, list(calib.split(8)))
+            torch.save(model.state_dict(), start_ckpt)
+    start_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows) if pipe.start == "gptq" and not resuming else None
+    if pipe.block.steps and not resuming:
+        os.makedirs(block_dir, exist_ok=True)
+        train_blocks(model, fp, recipe, calib, pipe.block, seed=a.seed, checkpoint_dir=block_dir)
+    if pipe.e2e_params == "scales":
+        train_only_scales(model)
     objective = lm_track.loss_fn(a.loss, fp)
     if a.loss == "ce":
         del fp
-    rtn_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
-    os.makedirs(a.out, exist_ok=True)
     stats_path = os.path.join(a.out, "stats.jsonl")
-    t0 = time.perf_counter()
-    calib = next(windows(train_ids, a.batch, a.seq, 1, a.seed + 10_000, a.device))
-    ckpt = os.path.join(a.out, "checkpoint.pt")
-    if os.path.exists(ckpt):
-        log(f"resuming from {ckpt}")
+    probe = next(windows(train_ids, a.batch, a.seq, 1, a.seed + 10_000, a.device))
     curve = train(model, recipe, windows(train_ids, a.batch, a.seq, steps, a.seed, a.device), objective, steps, a.lr,
-                  seed=a.seed, warmup=max(1, steps // 20), calib_batch=calib, log_path=stats_path,
+                  seed=a.seed, warmup=max(1, steps // 20), calib_batch=probe, log_path=stats_path,
                   log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}",
                   checkpoint=ckpt if a.checkpoint_every > 0 else None, checkpoint_every=a.checkpoint_every)
     seconds = time.perf_counter() - t0
@@ -156,12 +180,17 @@ def train_model(a: TrainArgs, log=print) -> dict:
     summary = {"model": a.model, "bits": a.bits, "group": a.group, "method": a.method, "steps": steps,
                "tokens": steps * a.batch * a.seq, "seq": a.seq, "lr": a.lr, "seed": a.seed, "seconds": seconds,
                "loss": a.loss, "freeze_embedding": a.freeze_embedding,
-               "tokenizer": "bytes" if tok is None else "model", "ppl": {"fp32": fp_ppl, "rtn": rtn_ppl, "qat": qat_ppl},
+               "tokenizer": "bytes" if tok is None else "model",
+               "ppl": {"fp32": fp_ppl, "rtn": rtn_ppl, "start": start_ppl, "qat": qat_ppl},
+               "pipeline": {"start": pipe.start, "calib_tokens": pipe.calib_tokens, "block_steps": pipe.block.steps,
+                            "block_lr": pipe.block.lr, "block_inputs": pipe.block.inputs, "e2e_params": pipe.e2e_params},
                "final_loss": curve[-1]}
     with open(os.path.join(a.out, "jacquant.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    if os.path.exists(ckpt):
-        os.remove(ckpt)  # finished: the integer model above is the result
+    for done in (ckpt, start_ckpt):  # finished: the integer model above is the result
+        if os.path.exists(done):
+            os.remove(done)
+    shutil.rmtree(block_dir, ignore_errors=True)
     return summary
 
 

@@ -1,0 +1,105 @@
+"""The 2-bit pipeline: a calibrated start, a block-wise phase, then end-to-end QAT (issue 19).
+
+    start        "rtn": the transform's round-to-nearest grid (MSE clipping search per group);
+                 "gptq": :func:`jacquant.calibrate` on ``calib_windows`` windows of ``calib_seq`` tokens
+    block-wise   each decoder block trained against the fp block's outputs on the same windows
+                 (:mod:`jacquant.app.blockwise`, the method's own backward rule); skipped at 0 steps
+    end to end   :func:`jacquant.app.qat.train` with KD or CE on the training stream, all parameters
+                 or the scales only (``e2e_params``)
+
+The start does not depend on the method (the backward rule is not used by it), so one calibrated
+start per seed serves every method: :func:`calibrated_start` makes it and :func:`with_rule` gives each
+method its copy.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..api import transform
+from ..calibrate import calibrate
+from ..config import QuantConfig
+from ..site import sites
+from .blockwise import BlockwiseConfig
+
+STARTS = ("rtn", "gptq")
+E2E_PARAMS = ("all", "scales")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What happens before and around end-to-end QAT.
+
+    Attributes:
+        start: "rtn" or "gptq".
+        calib_windows, calib_seq: the calibration set (GPTQ and the block-wise phase): windows of
+            ``calib_seq`` tokens drawn from the training stream (never the tuning slice or validation).
+        block: the block-wise phase (``steps=0`` skips it).
+        e2e_params: "all" (weights, scales, norms) or "scales" (the quantizers' scales only) in the
+            end-to-end phase.
+    """
+
+    start: str = "gptq"
+    calib_windows: int = 64
+    calib_seq: int = 256
+    block: BlockwiseConfig = field(default_factory=BlockwiseConfig)
+    e2e_params: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise ValueError(f"Pipeline.start={self.start!r} is not one of {STARTS}")
+        if self.e2e_params not in E2E_PARAMS:
+            raise ValueError(f"Pipeline.e2e_params={self.e2e_params!r} is not one of {E2E_PARAMS}")
+        if self.calib_windows < 1 or self.calib_seq < 2:
+            raise ValueError(f"Pipeline: calib_windows {self.calib_windows} must be >= 1, calib_seq {self.calib_seq} >= 2")
+
+    @property
+    def calib_tokens(self) -> int:
+        """Tokens of the calibration set (0 when nothing uses it)."""
+        used = self.start == "gptq" or self.block.steps > 0
+        return self.calib_windows * self.calib_seq if used else 0
+
+
+def calibration_windows(ids: Tensor, n: int, seq: int, seed: int) -> Tensor:
+    """``n`` windows of ``seq`` token ids at random starts in ``ids`` (seeded), int64 [n, seq]."""
+    if len(ids) < seq + 1:
+        raise ValueError(f"{len(ids)} training tokens are fewer than one calibration window of {seq}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq, (n,), generator=g)
+    return torch.stack([ids[s:s + seq] for s in starts.tolist()]).long()
+
+
+def calibrated_start(fp: nn.Module, config: QuantConfig, pipeline: Pipeline, calib: Optional[Tensor],
+                     progress: bool = True) -> nn.Module:
+    """A transformed copy of ``fp`` (``config``'s grid and rule) at the pipeline's start: RTN, or GPTQ on ``calib``."""
+    model = transform(copy.deepcopy(fp), config=config)
+    if pipeline.start == "gptq":
+        if calib is None:
+            raise ValueError("a GPTQ start needs calibration windows")
+        calibrate(model, list(calib.split(8)), progress=progress)
+    return model
+
+
+def with_rule(start: nn.Module, rule: str, amplitude: Optional[float] = None) -> nn.Module:
+    """A copy of a transformed model whose every site uses the backward ``rule`` (the forward is unchanged)."""
+    model = copy.deepcopy(start)
+    for s in sites(model):
+        s.quantizer.rule = rule
+        if amplitude is not None:
+            s.quantizer.amplitude = float(amplitude)
+    return model
+
+
+def train_only_scales(model: nn.Module) -> int:
+    """Freeze every parameter but the quantizers' scales; returns how many scale tensors train."""
+    n = 0
+    for name, p in model.named_parameters():
+        keep = name.endswith("_quantizer.scale")
+        p.requires_grad_(keep and p.requires_grad)
+        n += keep
+    return n

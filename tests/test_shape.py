@@ -1,0 +1,104 @@
+"""The learned-shape family (jacquant.shape) against independent references: Dither's closed-form coefficients
+against the numerical Fourier series of the periodic Gaussian slope, StableQAT's amplitude recovered from its
+projection, and Probe's regression recovering the secant slope of ±δ probes on a loss linear in Q(W)."""
+import math
+
+import pytest
+import torch
+
+import jacquant
+from jacquant import shape
+from jacquant.elementwise import ElementwiseConfig, _gauss_periodic, attach, bin_offset
+from jacquant.site import sites
+
+R = torch.linspace(-0.5, 0.5, 2001)
+
+
+def _series(values, n):
+    """Fourier cosine coefficients of values(r) on [-1/2, 1/2], by the trapezoid rule (mean-1 normalised)."""
+    f = values / torch.trapezoid(values, R)
+    k = torch.arange(1, n + 1, dtype=torch.float32)
+    return torch.stack([2 * torch.trapezoid(f * torch.cos(2 * math.pi * kk * R), R) for kk in k])
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.2, 0.35])
+def test_dither_shape_is_the_fourier_series_of_the_gaussian_dithered_slope(sigma):
+    want = _series(_gauss_periodic(R, sigma), 4)
+    torch.testing.assert_close(shape.dither_shape(torch.tensor(sigma), 4), want, rtol=1e-3, atol=2e-4)
+
+
+def test_fourier_shape_round_trips_stableqat_amplitude_and_zero_is_ste():
+    torch.testing.assert_close(shape.fourier_shape(0.0, 3), torch.zeros(3), rtol=0, atol=1e-6)
+    for a in (0.05, 0.12, 0.2):
+        assert float(shape.amplitude_for_shape(shape.fourier_shape(a, 4))) == pytest.approx(a, abs=0.006)
+    b = shape.shape_factor(R, shape.fourier_shape(0.1, 8))  # 8 terms: close to f_A / mean f_A (f_A has a kink at ±1/2)
+    f = shape.fourier_factor(R, 0.1)
+    err = (b - f / torch.trapezoid(f, R)).abs()
+    assert float(err.mean()) < 0.01 and float(err.max()) < 0.07
+
+
+def test_positive_shrinks_only_shapes_that_dip_below_the_floor():
+    sharp = shape.dither_shape(torch.tensor(0.04), 3)
+    assert float(shape.shape_factor(R, sharp).min()) < 0
+    fixed = shape.positive(sharp, b_min=0.05)
+    assert float(shape.shape_factor(R, fixed).min()) == pytest.approx(0.05, abs=1e-3)
+    mild = shape.fourier_shape(0.1, 3)
+    assert torch.equal(shape.positive(mild), mild)
+
+
+def test_probe_recovers_the_secant_slope_of_its_probes_on_a_linear_loss():
+    """For L = <C, Q(W)>, a ±δ probe changes q_i by s·#thresholds in (v - δ, v + δ]: the secant slope
+    1/(2δ)·1[|r| > 1/2 - δ], whose mean-1 cosine series is a_k = (-1)^k sin(2πkδ)/(πkδ)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256, bias=False)
+    model = jacquant.transform(torch.nn.Sequential(lin), bits=4, group=64, method="ste")
+    st = next(iter(sites(model)))
+    q = st.quantizer
+    with torch.no_grad():  # weights spread over the interior bins (codes 2..13), so no probe reaches the clamp
+        v = torch.rand(256, 512) * 11 + 2.5
+        q.zero_point.fill_(0)
+        st.weight.copy_((v.reshape(256, 8, 64) * q.scale.unsqueeze(-1)).reshape(256, 512))
+    x = torch.randn(4, 512)
+    loss = lambda: model(x).sum()  # noqa: E731  linear in Q(W): dL/dq_nk = sum_b x_bk
+    g = x.sum(0).expand(256, 512).clone()
+    r = bin_offset(st.weight, q.scale, q.zero_point, q.group)
+    delta = 0.3
+    got = shape.probe_shape(loss, [st], [g], [r], 3, delta, 400, torch.zeros(3), ridge=1e-6,
+                            generator=torch.Generator().manual_seed(1))[st.name]
+    k = torch.arange(1, 4, dtype=torch.float32)
+    want = (-1.0) ** k * torch.sin(2 * math.pi * k * delta) / (math.pi * k * delta)
+    torch.testing.assert_close(got, shape.positive(want), rtol=0, atol=0.08)
+
+
+def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel():
+    torch.manual_seed(0)
+    model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="ste")
+    st = next(iter(sites(model)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = ElementwiseConfig(rule="shape", fit="dither", refresh_every=2, n_basis=3)
+    hooks = attach(opt, model, cfg)
+    x = torch.randn(8, 64)
+    for t in range(3):
+        model(x).square().sum().backward()
+        q = st.quantizer
+        g0 = st.weight.grad.clone()
+        r = bin_offset(st.weight, q.scale, q.zero_point, q.group)
+        a = hooks.shapes[st.name].clone() if t != 2 else None
+        if t == 2:  # refresh at t = 2: the weights moved by exactly 0.1 bin since t = 0
+            pass
+        opt.step()
+        if t == 0:
+            torch.testing.assert_close(st.weight.grad, g0 * shape.shape_factor(r, shape.fourier_shape(0.21, 3)))
+        if t == 1:
+            with torch.no_grad():
+                st.weight.add_(0.1 * q.scale.repeat_interleave(32, dim=1))  # travel 0.1 bin before the refresh
+        opt.zero_grad()
+    want = shape.positive(shape.dither_shape(torch.tensor(0.1), 3))
+    torch.testing.assert_close(hooks.shapes[st.name], want, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_shape_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="fit='probe' regresses one shape per layer"):
+        ElementwiseConfig(rule="shape", fit="probe", per="group")
+    with pytest.raises(ValueError, match="use rule 'shape' or 'fourier'"):
+        ElementwiseConfig(rule="gauss", fit="dither")
