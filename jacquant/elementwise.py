@@ -273,6 +273,7 @@ class ElementwiseHooks:
         self.shapes = {s.name: prior.clone() for s in found}  # "shape": a per site, [n] or [N, K/G, n]
         self.amplitudes = {s.name: torch.tensor(float(config.amplitude)) for s in found}  # "fourier": A, [] or [N, K/G]
         self._before: dict[str, Tensor] = {}  # "dither": the weights at the last refresh
+        self.history: list[dict] = []  # per refit: step, and per site the mean amplitude A and B(0)/B(1/2)
         self._saved: list = []
         self._handles: list[RemovableHandle] = [optimizer.register_step_pre_hook(self._pre),
                                                 optimizer.register_step_post_hook(self._post)]
@@ -343,6 +344,8 @@ class ElementwiseHooks:
             self.shapes[name] = a
             if c.rule == "fourier":
                 self.amplitudes[name] = amplitude_for_shape(a)
+        self.history.append({"t": self.t, "amplitude": {n: float(v.float().mean()) for n, v in self.amplitudes.items()},
+                             "contrast": {n: _contrast(a) for n, a in self.shapes.items()}})
 
     @torch.no_grad()
     def _factor(self, st: Site, r: Tensor, direction: Tensor) -> Tensor:
@@ -406,6 +409,12 @@ class ElementwiseHooks:
                 q.as_nk(w).copy_(q.as_nk(w_old) + b.to(w.dtype) * delta)
         self._saved = []
         self.t += 1
+
+
+def _contrast(coeffs: Tensor) -> float:
+    """B on a grid point over B on a threshold, mean over the groups: 1 for STE, small for a sharp shape."""
+    ends = shape_factor(torch.tensor([0.0, 0.5]), coeffs.unsqueeze(-2) if coeffs.ndim > 1 else coeffs)
+    return float((ends[..., 0] / ends[..., 1]).mean())
 
 
 def _gauss_periodic(r: Tensor, sigma: float) -> Tensor:

@@ -8,7 +8,6 @@ import torch
 import jacquant
 from jacquant.blocks import ActivationCache
 from jacquant.gptq import gptq_quantize
-from jacquant.quantizer import fake_quantize
 
 from conftest import tiny_llama
 

@@ -26,8 +26,9 @@ def _loss(model, batch):
     return lm_loss(model(batch), batch)
 
 
-# jq-codes: the code phases follow the hooks' step count; jq-ewgs: δ fitted at step 0 and the probes' RNG
-@pytest.mark.parametrize("method", ["ste", "jacquant", "jq-codes", "jq-ewgs"])
+# jq-codes: the code phases follow the hooks' step count; jq-ewgs: δ fitted at step 0 and the probes' RNG;
+# jq-shape: the weights at the last refresh (refreshes at steps 0 and 10), from which the shape is refitted
+@pytest.mark.parametrize("method", ["ste", "jacquant", "jq-codes", "jq-ewgs", "jq-shape"])
 def test_killed_and_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, method):
     ref, batches = _setup(method)
     calib = next(iter(batches()))

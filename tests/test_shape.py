@@ -83,10 +83,7 @@ def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel
         q = st.quantizer
         g0 = st.weight.grad.clone()
         r = bin_offset(st.weight, q.scale, q.zero_point, q.group)
-        a = hooks.shapes[st.name].clone() if t != 2 else None
-        if t == 2:  # refresh at t = 2: the weights moved by exactly 0.1 bin since t = 0
-            pass
-        opt.step()
+        opt.step()  # refreshes at t = 0 (StableQAT's shape, no history yet) and t = 2 (σ = the travel since t = 0)
         if t == 0:
             torch.testing.assert_close(st.weight.grad, g0 * shape.shape_factor(r, shape.fourier_shape(0.21, 3)))
         if t == 1:

@@ -87,7 +87,7 @@ def run_accuracy(
         meta["lm_budget"] = asdict(budget)
         meta["lm_model"] = {k: v for k, v in info.items() if k != "hf_dir"}
         with timed("lm: evaluate fp, RTN and QAT of every method and seed"):
-            lm_rows, kept = lm_track.run(fp, toks, recs, list(seeds), bits, group, budget, out_dir, log=log)
+            lm_rows, kept = lm_track.run(fp, toks, recs, list(seeds), bits, group, budget, out_dir, log=log, tokenizer=tok)
         rows += lm_rows
         if "jacquant" in kept:
             models["lm jacquant"] = kept["jacquant"]

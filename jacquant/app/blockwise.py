@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -35,6 +34,7 @@ from ..refresh import detach
 from .qat import Recipe, train
 
 INPUTS = ("quantized", "fp")
+LOSSES = ("mse", "channel")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class BlockwiseConfig:
         lr: peak learning rate (cosine decay over each block's steps).
         batch: calibration windows per step.
         inputs: "quantized" (X^q, the trained blocks' outputs) or "fp" (the fp model's activations).
+        loss: "mse", mean (ŷ − y)², or "channel", mean (ŷ − y)²/P_c with P_c the mean square of the target's
+            channel c over the calibration windows (a residual stream's few huge channels no longer dominate).
         max_cache_bytes: RAM budget of each activation cache; past it the cache is a file.
     """
 
@@ -53,11 +55,14 @@ class BlockwiseConfig:
     lr: float = 1e-4
     batch: int = 4
     inputs: str = "quantized"
+    loss: str = "mse"
     max_cache_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
             raise ValueError(f"BlockwiseConfig.inputs={self.inputs!r} is not one of {INPUTS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"BlockwiseConfig.loss={self.loss!r} is not one of {LOSSES}")
         if self.steps < 0 or self.batch < 1 or not self.lr > 0:
             raise ValueError(f"BlockwiseConfig: steps {self.steps} must be >= 0, batch {self.batch} >= 1, lr {self.lr} > 0")
 
@@ -80,6 +85,15 @@ def _copy(cache: ActivationCache, max_bytes: int) -> ActivationCache:
     for r in range(0, len(cache), 64):
         out.write(r, cache.read(slice(r, min(r + 64, len(cache)))))
     return out
+
+
+def _channel_power(cache: ActivationCache) -> Tensor:
+    """Mean square of each channel over every cached token, [d] (floored so that a dead channel stays finite)."""
+    total = torch.zeros(cache.shape[-1], dtype=torch.float64)
+    for r in range(0, len(cache), 64):
+        total += cache.read(slice(r, min(r + 64, len(cache)))).double().square().sum((0, 1))
+    power = (total / (cache.shape[0] * cache.shape[1])).float()
+    return power.clamp_min(power.mean() * 1e-6)
 
 
 def _index_batches(n: int, batch: int, steps: int, seed: int):
@@ -125,9 +139,11 @@ def train_blocks(model: nn.Module, fp_model: nn.Module, recipe: Recipe, windows:
                       total=len(blocks)):
             _forward(fp_blocks[i], xf, y)
             src = xq if config.inputs == "quantized" else xf
+            weight = 1.0 / _channel_power(y) if config.loss == "channel" else None
 
-            def loss_fn(block: nn.Module, idx: Tensor, src=src) -> Tensor:
-                return F.mse_loss(_out(block(src.hidden.read(idx), **src.kwargs_for(len(idx)))), y.read(idx))
+            def loss_fn(block: nn.Module, idx: Tensor, src=src, weight=weight) -> Tensor:
+                err = (_out(block(src.hidden.read(idx), **src.kwargs_for(len(idx)))) - y.read(idx)).square()
+                return (err if weight is None else err * weight).mean()
 
             block_ckpt = os.path.join(checkpoint_dir, f"block{i}.pt") if checkpoint_dir else None
             batches = _index_batches(len(windows), config.batch, config.steps, seed * 1000 + i)

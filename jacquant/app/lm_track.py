@@ -39,7 +39,7 @@ from torch import Tensor
 from . import data
 from ..config import QuantConfig
 from .blockwise import BlockwiseConfig, train_blocks
-from .pipeline import Pipeline, calibrated_start, calibration_windows, train_only_scales, with_rule
+from .pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, train_only_scales, with_rule
 from .qat import Recipe, train
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
@@ -64,6 +64,8 @@ class Budget:
     freeze_embedding: bool = True
     generate_tokens: int = 24
     pipeline: Pipeline = field(default_factory=Pipeline)
+    other_windows: int = 64  # the second English text (tokenizer given to run): windows of other_seq + 1 tokens
+    other_seq: int = 128
 
     @property
     def e2e_tokens(self) -> int:
@@ -71,7 +73,7 @@ class Budget:
 
 
 DEFAULT = Budget()
-QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, generate_tokens=8,
+QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, generate_tokens=8, other_windows=4, other_seq=64,
                pipeline=Pipeline(calib_windows=4, calib_seq=32, block=BlockwiseConfig(steps=2, batch=2)))
 LOSSES = ("ce", "kd")
 
@@ -108,6 +110,30 @@ def perplexity(model: nn.Module, windows: Tensor, batch: int = 16) -> float:
                 for i in range(0, len(windows), batch))
     model.train(was)
     return math.exp(total / len(windows))
+
+
+@torch.no_grad()
+def mean_kl(model: nn.Module, reference: nn.Module, windows: Tensor, batch: int = 8) -> float:
+    """Mean over the tokens of ``windows`` [n, T + 1] (inputs ``w[:, :-1]``) of KL(p_ref ‖ p_model), the
+    divergence of ``model``'s next-token distribution from ``reference``'s (the fp model's)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        x = windows[i:i + batch, :-1]
+        ref = F.log_softmax(reference(input_ids=x, use_cache=False).logits.float(), -1)
+        got = F.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)
+        total += float((ref.exp() * (ref - got)).sum(-1).sum())
+        count += x.numel()
+    model.train(was)
+    return total / count
+
+
+def other_windows(tokenizer, n: int = 64, seq: int = 128) -> Tensor:
+    """``n`` windows of ``seq + 1`` tokens evenly spaced through the second English text
+    (:func:`jacquant.app.data.other_english_text`, the Debian FAQ), int64 [n, seq + 1]."""
+    ids = torch.tensor(tokenizer(data.other_english_text(), add_special_tokens=False)["input_ids"])
+    return eval_windows(ids, n, seq)
 
 
 def kd_loss(teacher: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
@@ -185,7 +211,7 @@ def freeze_embedding(model: nn.Module) -> None:
 
 
 def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[int], bits: int, group: int,
-        budget: Budget, out_dir: Optional[str] = None, log=print) -> tuple[list[dict], dict[str, nn.Module]]:
+        budget: Budget, out_dir: Optional[str] = None, log=print, tokenizer=None) -> tuple[list[dict], dict[str, nn.Module]]:
     """QAT of ``fp_model`` by each method and seed; returns (rows, {method: model of seed ``seeds[0]``}).
 
     Per seed: the calibration windows (drawn with the seed from the training stream) and the pipeline's
@@ -193,15 +219,27 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
     trained method its copy with the method's backward rule, the block-wise phase and the end-to-end
     phase, on the same batches for every method. Rows ``rtn`` (the transform's grid) and ``gptq`` (the
     calibrated start, untrained) are evaluated where asked. Rows: ``{"track": "lm", "method", "seed",
-    "metrics": {"ppl", "val_loss"}, "seconds", "tokens" (end-to-end), "calib_tokens", "tokens_per_s",
+    "metrics": {"ppl", "val_loss", "ppl_other", "kl"}, "seconds", "tokens" (end-to-end), "calib_tokens", "tokens_per_s",
     "curve", "block_curves", "log"}``, with a first row for the fp model.
     """
     device = next(fp_model.parameters()).device
     windows = eval_windows(toks.valid, budget.eval_windows, budget.eval_seq).to(device)
-    probe = next(data.windows(toks.train, budget.batch, budget.seq, 1, 10_000, device))
+    other = other_windows(tokenizer, budget.other_windows, budget.other_seq).to(device) \
+        if tokenizer is not None and os.path.isfile(data.OTHER_TEXT) else None
+    if tokenizer is not None and other is None:
+        log(f"note: {data.OTHER_TEXT} is missing (apt-get install debian-faq): no second-text perplexity")
     fp_model.eval()
+
+    def scored(model: nn.Module) -> dict:
+        out = {"ppl": perplexity(model, windows)}
+        if other is not None:
+            out["ppl_other"] = perplexity(model, other)
+        if model is not fp_model:
+            out["kl"] = mean_kl(model, fp_model, windows)
+        return out
+
     t0 = time.perf_counter()
-    rows = [_row("fp", 0, perplexity(fp_model, windows), 0.0, [], None)]
+    rows = [_row("fp", 0, scored(fp_model), 0.0, [], None)]
     log(f"fp held-out perplexity {rows[0]['metrics']['ppl']:.3f} ({time.perf_counter() - t0:.0f} s)")
     objective = loss_fn(budget.loss, fp_model)
     kept: dict[str, nn.Module] = {}
@@ -211,6 +249,7 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
         needs_calib = pipe.calib_tokens or any(r.name == "gptq" for r in methods)
         calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, seed + 1000).to(device) \
             if needs_calib else None
+        probe = next(e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, 1, 10_000, device))  # estimators'
         starts: dict[str, tuple[nn.Module, float]] = {}
 
         def start(kind: str) -> tuple[nn.Module, float]:
@@ -239,13 +278,13 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
                 if pipe.e2e_params == "scales":
                     train_only_scales(model)
                 logp = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
-                batches = data.windows(toks.train, budget.batch, budget.seq, budget.steps, seed + 1, device)
+                batches = e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, budget.steps, seed + 1, device)
                 curve = train(model, recipe, batches, objective, budget.steps, budget.lr, seed=seed,
                               warmup=max(1, budget.steps // 20), calib_batch=probe, log_path=logp,
                               log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
                 train_s = time.perf_counter() - t0
             seconds = time.perf_counter() - t0 + start_s  # the shared start counts for every method that uses it
-            row = _row(recipe.name, seed, perplexity(model, windows), seconds, curve, logp)
+            row = _row(recipe.name, seed, scored(model), seconds, curve, logp)
             calib_tokens = pipe.calib_windows * pipe.calib_seq if recipe.name == "gptq" else \
                 pipe.calib_tokens if recipe.train else 0
             n_tok = budget.e2e_tokens if recipe.train else 0
@@ -282,8 +321,8 @@ def greedy(model: nn.Module, tokenizer, prompts: tuple[str, ...], new_tokens: in
     return out
 
 
-def _row(method: str, seed: int, ppl: float, seconds: float, curve: list[float], log: Optional[str]) -> dict:
-    return {"track": "lm", "method": method, "seed": seed, "metrics": {"ppl": ppl, "val_loss": math.log(ppl)},
+def _row(method: str, seed: int, metrics: dict, seconds: float, curve: list[float], log: Optional[str]) -> dict:
+    return {"track": "lm", "method": method, "seed": seed, "metrics": {**metrics, "val_loss": math.log(metrics["ppl"])},
             "seconds": seconds, "curve": curve, "log": log}
 
 

@@ -25,10 +25,12 @@ from ..api import transform
 from ..calibrate import calibrate
 from ..config import QuantConfig
 from ..site import sites
+from . import data
 from .blockwise import BlockwiseConfig
 
 STARTS = ("rtn", "gptq")
 E2E_PARAMS = ("all", "scales")
+E2E_DATA = ("stream", "calib")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Pipeline:
         block: the block-wise phase (``steps=0`` skips it).
         e2e_params: "all" (weights, scales, norms) or "scales" (the quantizers' scales only) in the
             end-to-end phase.
+        e2e_data: "stream" (fresh windows of the training stream each step) or "calib" (pieces of the
+            calibration windows only: the whole pipeline then sees no text beyond the calibration set).
     """
 
     start: str = "gptq"
@@ -49,19 +53,22 @@ class Pipeline:
     calib_seq: int = 256
     block: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     e2e_params: str = "all"
+    e2e_data: str = "stream"
 
     def __post_init__(self) -> None:
         if self.start not in STARTS:
             raise ValueError(f"Pipeline.start={self.start!r} is not one of {STARTS}")
         if self.e2e_params not in E2E_PARAMS:
             raise ValueError(f"Pipeline.e2e_params={self.e2e_params!r} is not one of {E2E_PARAMS}")
+        if self.e2e_data not in E2E_DATA:
+            raise ValueError(f"Pipeline.e2e_data={self.e2e_data!r} is not one of {E2E_DATA}")
         if self.calib_windows < 1 or self.calib_seq < 2:
             raise ValueError(f"Pipeline: calib_windows {self.calib_windows} must be >= 1, calib_seq {self.calib_seq} >= 2")
 
     @property
     def calib_tokens(self) -> int:
         """Tokens of the calibration set (0 when nothing uses it)."""
-        used = self.start == "gptq" or self.block.steps > 0
+        used = self.start == "gptq" or self.block.steps > 0 or self.e2e_data == "calib"
         return self.calib_windows * self.calib_seq if used else 0
 
 
@@ -72,6 +79,22 @@ def calibration_windows(ids: Tensor, n: int, seq: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq, (n,), generator=g)
     return torch.stack([ids[s:s + seq] for s in starts.tolist()]).long()
+
+
+def e2e_batches(pipeline: "Pipeline", stream: Tensor, calib: Optional[Tensor], batch: int, seq: int, steps: int,
+                seed: int, device="cpu"):
+    """The end-to-end phase's ``steps`` batches [batch, seq + 1]: random windows of the training ``stream``, or
+    (``e2e_data="calib"``) the calibration windows cut into pieces of seq + 1 tokens, drawn with replacement."""
+    if pipeline.e2e_data == "stream":
+        yield from data.windows(stream, batch, seq, steps, seed, device)
+        return
+    if calib is None or calib.shape[1] < seq + 1:
+        raise ValueError(f"e2e_data='calib' needs calibration windows of at least {seq + 1} tokens")
+    per = calib.shape[1] // (seq + 1)
+    pieces = calib[:, :per * (seq + 1)].reshape(-1, seq + 1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield pieces[torch.randint(0, len(pieces), (batch,), generator=g)].to(device)
 
 
 def calibrated_start(fp: nn.Module, config: QuantConfig, pipeline: Pipeline, calib: Optional[Tensor],

@@ -204,6 +204,7 @@ def train(
     hooks = None
     if recipe.train and recipe.elementwise is not None:
         hooks = attach_elementwise(opt, model, recipe.elementwise, probe_loss, seed)
+        model.jacquant_elementwise_history = hooks.history  # fitted shapes over the run (issue 21's schedule)
     curve: list[float] = []
     start = 0
     if checkpoint and os.path.exists(checkpoint):

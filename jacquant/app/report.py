@@ -20,6 +20,8 @@ from typing import Optional
 METRICS = {
     "ppl": ("held-out perplexity", False, "{:.3f}"),
     "recovery": ("RTN-to-fp gap closed (log ppl)", True, "{:.3f}"),
+    "ppl_other": ("perplexity on another English text (Debian FAQ)", False, "{:.3f}"),
+    "kl": ("KL(fp ‖ model) per token", False, "{:.4f}"),
     "cosine": ("cosine to fp32 embedding", True, "{:.4f}"),
     "spearman": ("Spearman of pairwise similarities", True, "{:.4f}"),
 }
@@ -37,6 +39,8 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, dict]]:
         if r.get("tokens_per_s"):
             entry.setdefault("tokens_per_s", []).append(r["tokens_per_s"])
             entry["tokens"] = r["tokens"]
+        if r.get("calib_tokens"):
+            entry["calib_tokens"] = r["calib_tokens"]
         for k, v in r["metrics"].items():
             entry.setdefault(k, {"values": []})["values"].append(float(v))
     for methods in out.values():
@@ -87,9 +91,11 @@ def markdown_table(track: str, methods: dict[str, dict]) -> str:
     """One track's table: a column per metric (mean ± std over n seeds), seconds per run."""
     metrics = [m for m in METRICS if any(m in e for e in methods.values())]
     speed = any("tokens_per_s" in e for e in methods.values())
+    calib = any("calib_tokens" in e for e in methods.values())
     head = "| method | " + " | ".join(METRICS[m][0] + (" ↓" if not METRICS[m][1] else " ↑") for m in metrics) + \
-        " | seeds | s / run |" + (" training tokens / run | tokens / s |" if speed else "")
-    lines = [f"### {TRACK_TITLES.get(track, track)}", "", head, "|---" * (len(metrics) + 3 + 2 * speed) + "|"]
+        " | seeds | s / run |" + (" training tokens / run | tokens / s |" if speed else "") + \
+        (" calibration tokens |" if calib else "")
+    lines = [f"### {TRACK_TITLES.get(track, track)}", "", head, "|---" * (len(metrics) + 3 + 2 * speed + calib) + "|"]
     for name, e in methods.items():
         cells = []
         for m in metrics:
@@ -102,6 +108,8 @@ def markdown_table(track: str, methods: dict[str, dict]) -> str:
         if speed:
             tail = (f" {e['tokens']:,} | {statistics.fmean(e['tokens_per_s']):.0f} |" if "tokens_per_s" in e
                     else " | |")
+        if calib:
+            tail += f" {e['calib_tokens']:,} |" if "calib_tokens" in e else " |"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {e['n']} | {e['seconds'] / e['n']:.1f} |" + tail)
     return "\n".join(lines)
 
@@ -148,8 +156,9 @@ def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "",
     md += verdict_lines(vs) or ["Not compared: this run does not hold a JacQuant method beside ste or stableqat "
                                 "(merge runs with benchmarks/merge_runs.py)."]
     md.append("")
-    if len({r["seed"] for r in rows if r["track"] == "lm" and r["method"] == "ste" and r["curve"]}) > 1:
-        md += ["## Paired differences to STE per seed (LM track)", "", paired_differences(rows), ""]
+    for base, label in (("ste", "STE"), ("stableqat", "StableQAT")):
+        if len({r["seed"] for r in rows if r["track"] == "lm" and r["method"] == base and r["curve"]}) > 1:
+            md += [f"## Paired differences to {label} per seed (LM track)", "", paired_differences(rows, baseline=base), ""]
     md.append(extra_md)
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w") as f:

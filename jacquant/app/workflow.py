@@ -26,10 +26,9 @@ from . import gguf, lm_track
 from ..calibrate import calibrate
 from ..config import QuantConfig
 from ..convert import convert, load_converted, save_converted
-from .data import windows
 from ..plot import plot
 from .blockwise import train_blocks
-from .pipeline import Pipeline, calibrated_start, calibration_windows, train_only_scales
+from .pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, train_only_scales
 from .qat import RECIPES, train
 
 VALID_FRACTION = 0.1
@@ -167,8 +166,9 @@ def train_model(a: TrainArgs, log=print) -> dict:
     if a.loss == "ce":
         del fp
     stats_path = os.path.join(a.out, "stats.jsonl")
-    probe = next(windows(train_ids, a.batch, a.seq, 1, a.seed + 10_000, a.device))
-    curve = train(model, recipe, windows(train_ids, a.batch, a.seq, steps, a.seed, a.device), objective, steps, a.lr,
+    probe = next(e2e_batches(pipe, train_ids, calib, a.batch, a.seq, 1, a.seed + 10_000, a.device))
+    batches = e2e_batches(pipe, train_ids, calib, a.batch, a.seq, steps, a.seed, a.device)
+    curve = train(model, recipe, batches, objective, steps, a.lr,
                   seed=a.seed, warmup=max(1, steps // 20), calib_batch=probe, log_path=stats_path,
                   log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}",
                   checkpoint=ckpt if a.checkpoint_every > 0 else None, checkpoint_every=a.checkpoint_every)
