@@ -181,6 +181,18 @@ def convert(model: nn.Module) -> nn.Module:
     return model
 
 
+def converted_copy(model: nn.Module) -> nn.Module:
+    """A converted model to export: ``model`` itself if converted, else a converted deep copy."""
+    import copy
+
+    if any(isinstance(m, WeightQuantizer) for m in model.modules()):
+        return convert(copy.deepcopy(model))
+    if any(isinstance(m, PACKED_TYPES) for m in model.modules()):
+        return model
+    raise ValueError(f"{type(model).__name__} is not quantized by jacquant: call jacquant.transform(model, bits, "
+                     "group) (and train it) before exporting it")
+
+
 def _convert_owner(model: nn.Module, owner_sites: list) -> None:
     owner = owner_sites[0].owner
     gm = installed_graph(owner)

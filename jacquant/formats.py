@@ -132,8 +132,11 @@ def q2_k_indices(scale: Tensor, minimum: Tensor, d: Tensor, dmin: Tensor, spec: 
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(fp16 d, fp16 dmin, sc, mn) of Q2_K, each with straight-through gradients (see the module docstring).
 
-    scale σ and minimum μ are per sub-block [N, K/16]; d, dmin per super-block [N, K/256]. sc in 1..15,
+    scale σ and minimum μ are per sub-block [N, K/16]; ``d`` and ``dmin`` are per super-block [N, K/256] and hold
+    15·d and 15·dmin (the largest sub-block scale and min the super-block can express: the same magnitude as σ,
+    so that an optimizer step moves them by as much, relatively, as the sub-block latents). sc in 1..15,
     mn in 0..15, both float tensors holding integers, per sub-block."""
+    d, dmin = d / INDEX_MAX, dmin / INDEX_MAX  # stored as 15·d: the super-block's largest sub-block scale
     dq = ste(d, fp16_scale(d))
     dminq = ste(dmin, fp16_scale(dmin))
     sc = index(scale / expand_super(dq, spec), 1)
@@ -168,7 +171,7 @@ def init_affine(w: Tensor, spec: FormatSpec, method: str) -> dict[str, Tensor]:
       ``"llama"``: llama.cpp's choice: Q4_1 the block's min/max (d = (max - min)/15, m = min); Q2_K a
           weighted search per sub-block (:func:`search_scale_min`, weights |w|, the error summed as
           Σ|w|·|Q - w|, 16 candidate steps), then the sub-block scales and mins as 4-bit indices of
-          d = max σ/15, dmin = max(-μ)/15.
+          d = max σ/15, dmin = max(-μ)/15 (``super_scale``, ``super_min`` hold 15·d, 15·dmin).
     """
     from .quantizer import grouped, init_scale
 
@@ -189,8 +192,8 @@ def init_affine(w: Tensor, spec: FormatSpec, method: str) -> dict[str, Tensor]:
     if spec.super_block:
         per = spec.block // spec.group
         n = s.shape[0]
-        out["super_scale"] = (s.reshape(n, -1, per).amax(-1) / INDEX_MAX).clamp_min(FP16_TINY)
-        out["super_min"] = ((-m).clamp_min(0).reshape(n, -1, per).amax(-1) / INDEX_MAX).clamp_min(FP16_TINY)
+        out["super_scale"] = s.reshape(n, -1, per).amax(-1).clamp_min(FP16_TINY * INDEX_MAX)  # 15·d
+        out["super_min"] = (-m).clamp_min(0).reshape(n, -1, per).amax(-1).clamp_min(FP16_TINY * INDEX_MAX)
     return out
 
 

@@ -95,8 +95,8 @@ class AffineQuantizer(WeightQuantizer):
     Learnable, per group of G weights along K (:mod:`jacquant.formats` gives the formulas):
       ``scale``        Q4_1: d; Q2_K: the sub-block scale latent σ  [N, K/G]
       ``min``          Q4_1: m; Q2_K: the sub-block min latent μ (≤ 0) [N, K/G]
-      ``super_scale``  Q2_K only: d per super-block of 256 [N, K/256]
-      ``super_min``    Q2_K only: dmin per super-block [N, K/256]
+      ``super_scale``  Q2_K only: 15·d per super-block of 256 [N, K/256]
+      ``super_min``    Q2_K only: 15·dmin per super-block [N, K/256]
     and the buffer ``jac`` (B) [N, K/G]. The forward calls ``torch.ops.jacquant.qlinear_affine`` with
     (s, m) = :func:`jacquant.formats.affine_grid` of these, whose roundings (fp16, 4-bit indices) pass
     gradients straight through.

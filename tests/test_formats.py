@@ -159,17 +159,17 @@ def test_fused_cpu_affine_path_equals_the_reference(fmt):
 
 def test_q2_k_super_scale_gets_lsq_gradient_of_the_index_rounding():
     # s_j = d·round(σ_j/d) with STE: ds_j/dσ_j = 1, ds_j/dd = sc_j - σ_j/d (inside 1..15)
-    d = torch.tensor([[0.01]], requires_grad=True)
+    d = torch.tensor([[0.15]], requires_grad=True)  # stored as 15·d
     sigma = torch.tensor([[0.0337] * 16], requires_grad=True)
     mu = torch.zeros(1, 16, requires_grad=True)
-    dmin = torch.tensor([[0.01]], requires_grad=True)
+    dmin = torch.tensor([[0.15]], requires_grad=True)
     spec = formats.FORMATS["q2_k"]
     s, m = formats.affine_grid(spec, sigma, mu, d, dmin)
-    dq = float(torch.tensor(0.01).half().float())
+    dq = float((torch.tensor(0.15) / 15).half().float())
     assert torch.equal(s, torch.full((1, 16), dq * 3))
     s.sum().backward()
     torch.testing.assert_close(sigma.grad, torch.ones(1, 16))
-    torch.testing.assert_close(d.grad, torch.tensor([[16 * (3 - 0.0337 / dq)]]))
+    torch.testing.assert_close(d.grad, torch.tensor([[16 * (3 - 0.0337 / dq) / 15]]))  # d/d(15·d)
 
 
 def test_rows_the_format_cannot_hold_are_an_error_or_fall_back():

@@ -173,8 +173,12 @@ def freeze_embedding(model: nn.Module) -> None:
 
 
 def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[int], bits: int, group: int,
-        budget: Budget, out_dir: Optional[str] = None, log=print) -> tuple[list[dict], dict[str, nn.Module]]:
+        budget: Budget, out_dir: Optional[str] = None, log=print, config: Optional[QuantConfig] = None
+        ) -> tuple[list[dict], dict[str, nn.Module]]:
     """QAT of ``fp_model`` by each method and seed; returns (rows, {method: model of seed ``seeds[0]``}).
+
+    ``config``: the grid (e.g. ``QuantConfig(format="q4_0")``) instead of ``QuantConfig(bits, group)``; each
+    recipe sets its method.
 
     Every method sees the same batches for a given seed (windows drawn with that seed), the same
     steps, learning rate and loss. Rows: ``{"track": "lm", "method", "seed", "metrics": {"ppl",
@@ -189,7 +193,7 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
     log(f"fp held-out perplexity {rows[0]['metrics']['ppl']:.3f} ({time.perf_counter() - t0:.0f} s)")
     objective = loss_fn(budget.loss, fp_model)
     kept: dict[str, nn.Module] = {}
-    config = QuantConfig(bits=bits, group=group)
+    config = config or QuantConfig(bits=bits, group=group)
     for recipe in methods:
         for seed in (seeds if recipe.train else seeds[:1]):
             t0 = time.perf_counter()
