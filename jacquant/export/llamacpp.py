@@ -118,7 +118,7 @@ VEC_DOT = {"q4_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", "q2_k": "q8_k", "q3_k
 def round_activations(x: Tensor, kind: str) -> Tensor:
     """x [..., K] as llama.cpp's CPU matmul sees it after quantizing it for the weight's dot product:
 
-        q8_0, q8_1  per 32: d = max|x|/127, q = round(x/d), x̂ = fp16(d)·q     (Q4_0, Q8_0 / Q4_1 weights)
+        q8_0, q8_1  per 32: q = round(x·127/max|x|), x̂ = fp16(max|x|/127)·q  (Q4_0, Q8_0 / Q4_1 weights)
         q8_k        per 256: d = -max/127 with max the entry of largest |x|, q = clamp(round(x/d), -128, 127),
                     x̂ = d·q                                                   (Q2_K, Q3_K weights)
 
@@ -135,9 +135,9 @@ def round_activations(x: Tensor, kind: str) -> Tensor:
         q = (xb * inv).round().clamp(-128, 127)
         out = q * torch.where(inv == 0, torch.zeros_like(inv), 1.0 / inv)
     else:
-        d = xb.abs().amax(-1, keepdim=True) / 127
-        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        out = (xb * inv).round() * d.half().float()
+        top = xb.abs().amax(-1, keepdim=True)
+        inv = torch.where(top == 0, torch.zeros_like(top), 127.0 / top)  # ggml: id = 127/max, d = max/127
+        out = (xb * inv).round() * (top / 127).half().float()
     return out.reshape(x.shape).to(x.dtype)
 
 

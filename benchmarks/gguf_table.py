@@ -19,8 +19,8 @@ held-out tokens (``lm_track.eval_windows(tokens.valid, 32, 256)``), each one pre
 per-token KL(p_fp ‖ p_row) to the fp model's PyTorch distribution on the same windows. Speed: a 128-token prompt
 (prefill tokens/s) then 64 one-token steps (decode tokens/s), best of 3. Bits per weight: file bits / weights.
 
-    flock /tmp/jacquant-cpu.lock python benchmarks/gguf.py --out runs/gguf      # the table (table.md, rows.json)
-    flock /tmp/jacquant-cpu.lock python benchmarks/gguf.py --init-compare        # Q2_K init: llama.cpp's vs mse
+    flock /tmp/jacquant-cpu.lock python benchmarks/gguf_table.py --out runs/gguf      # the table (table.md, rows.json)
+    flock /tmp/jacquant-cpu.lock python benchmarks/gguf_table.py --init-compare        # Q2_K init: llama.cpp's vs mse
 
 Trained models are cached in ``--out`` (a rerun with ``--rows`` recomputes only those rows).
 """
@@ -113,7 +113,7 @@ def onnx_row(model, tok, windows, prompt, out: str, threads: int) -> dict:
         best_p, best_d = max(best_p, g.prompt_tokens / g.prefill_seconds), max(best_d, g.decode_tokens_per_second)
     size = sum(os.path.getsize(os.path.join(os.path.dirname(path), f)) for f in os.listdir(os.path.dirname(path))
                if f.endswith((".onnx", ".onnx.data")))
-    n = sum(p.numel() for p in model.parameters() if p.dim() > 0) - 0
+    n = sum(p.numel() for name, p in model.named_parameters() if "quantizer" not in name)  # the model's weights
     return {"mib": size / 2 ** 20, "bpw": 8 * size / n, "ppl": ppl, "kl": None, "prefill_tokens_per_s": best_p,
             "decode_tokens_per_s": best_d}
 
