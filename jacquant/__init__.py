@@ -13,14 +13,14 @@ from .stats import StatsLogger, stats
 
 __all__ = [
     "QuantConfig", "RefreshConfig", "StatsLogger", "WeightQuantizer",
-    "convert", "export_onnx", "load_checkpoint", "load_converted", "optim", "plot", "save_checkpoint",
+    "convert", "export_gguf", "export_onnx", "load_checkpoint", "load_converted", "optim", "plot", "save_checkpoint",
     "save_converted", "sites", "stats", "step", "summary", "transform",
 ]
 __all__ += ["NonFiniteError", "check_finite", "guard"]
 __all__ += ["compile_blocks", "calibrate"]
 __version__ = "0.1.0"
 
-_LAZY = {"export_onnx": ".export", "plot": ".plot"}  # need onnx / matplotlib: imported on first use
+_LAZY = {"export_onnx": ".export", "export_gguf": ".export", "plot": ".plot"}  # need onnx, gguf, matplotlib: on first use
 
 
 def __getattr__(name: str):

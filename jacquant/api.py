@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 from .config import QuantConfig
+from .formats import FORMATS, site_format
 from .passes.capture import MatmulSite, capture
 from .passes.rewrite import quantizer_attr, rewrite_owner
-from .site import WeightQuantizer, sites
+from .site import AffineQuantizer, WeightQuantizer, sites
 
 
 def transform(
@@ -32,7 +33,8 @@ def transform(
     ``Q(w) = s·(clamp(round(w/s + z), 0, 2^b-1) - z)`` per group of ``group`` inputs, backward by
     ``method`` ("ste", "stableqat", "jacquant"). Embeddings and the LM head stay in full precision
     unless ``include_head=True``. ``options`` are further :class:`QuantConfig` fields (``init``,
-    ``symmetric``, ``amplitude``, ``include_head``, ``filter``).
+    ``symmetric``, ``amplitude``, ``include_head``, ``filter``, ``format``, ``fallback``). With ``format``
+    (``"q4_0"``, ``"q4_1"``, ``"q2_k"``) the grid is that GGUF format's, bit for bit (:mod:`jacquant.formats`).
 
     Raises ValueError/TypeError naming the layer for unsupported input (bad bits or group, a group
     that does not divide in_features, non-finite weights, no matmul to rewrite, a model already
@@ -63,14 +65,15 @@ def transform(
     by_owner: dict[str, dict[str, WeightQuantizer]] = defaultdict(dict)
     owners_of: dict[str, str] = {}
     for s in keep:
-        _validate(model, s, cfg)
+        fmt = _validate(model, s, cfg)
         if owners_of.setdefault(s.weight, s.owner) != s.owner:
             raise TypeError(f"weight `{s.weight}` feeds matmuls in two modules (`{owners_of[s.weight]}`, `{s.owner}`); "
                             "exclude one with filter=")
         owner = model.get_submodule(s.owner)
         path = _relative(s.weight, s.owner, model)
-        q = WeightQuantizer(owner.get_parameter(path), cfg, name=site_name(s, model), weight_attr=path, op=s.op,
-                            transposed=s.transposed)
+        cls = AffineQuantizer if fmt is not None and FORMATS[fmt].affine else WeightQuantizer
+        q = cls(owner.get_parameter(path), cfg, name=site_name(s, model), weight_attr=path, op=s.op,
+                transposed=s.transposed, format=fmt)
         owner.register_module(quantizer_attr(path), q)
         by_owner[s.owner][path] = q
     for owner_name, quantizers in by_owner.items():
@@ -115,10 +118,12 @@ def _head_weights(model: nn.Module, found: list[MatmulSite], embeddings: set[str
     return heads
 
 
-def _validate(model: nn.Module, s: MatmulSite, cfg: QuantConfig) -> None:
+def _validate(model: nn.Module, s: MatmulSite, cfg: QuantConfig) -> Optional[str]:
+    """Checks one site; returns its GGUF format (None without ``cfg.format``)."""
     name = site_name(s, model)
     n, k = s.shape
-    if cfg.group != -1 and k % cfg.group != 0:
+    fmt = site_format(cfg.format, cfg.fallback, name, model.get_submodule(s.owner), k)
+    if fmt is None and cfg.group != -1 and k % cfg.group != 0:
         divisors = [d for d in (256, 128, 64, 32, 16, 8) if k % d == 0]
         hint = f"a divisor such as {divisors[0]}" if divisors else "a divisor of it"
         raise ValueError(f"layer `{name}`: in_features {k} is not divisible by group {cfg.group}; use group=-1 or {hint}")
@@ -128,18 +133,22 @@ def _validate(model: nn.Module, s: MatmulSite, cfg: QuantConfig) -> None:
                          "(NaN/Inf); fix or re-initialise it before transform")
     if not w.is_floating_point():
         raise TypeError(f"layer `{name}`: weight `{s.weight}` has dtype {w.dtype}; jacquant quantizes float weights")
+    return fmt
 
 
 def summary(model: nn.Module) -> str:
     """A table of every quantized site (name, weight shape, bits, group, method, op) and what stayed fp."""
     rows = [("site", "shape [N, K]", "bits", "group", "method", "op")]
+    if any(s.quantizer.format for s in sites(model)):
+        rows = [rows[0][:4] + ("format",) + rows[0][4:]]
     total = 0
     for s in sites(model):
         q = s.quantizer
         n, groups = q.scale.shape
         total += n * groups * q.group
-        rows.append((s.name, f"[{n}, {groups * q.group}]", str(q.bits), str(q.group), q.rule,
-                     q.op + (" (W stored [K, N])" if q.transposed else "")))
+        row = (s.name, f"[{n}, {groups * q.group}]", str(q.bits), str(q.group), q.rule,
+               q.op + (" (W stored [K, N])" if q.transposed else ""))
+        rows.append(row[:4] + (q.format or "-",) + row[4:] if len(rows[0]) == 7 else row)
     if len(rows) == 1:
         return f"{type(model).__name__}: not transformed by jacquant"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

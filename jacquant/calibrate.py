@@ -58,6 +58,11 @@ def calibrate(
         raise ValueError("calibrate: no calibration batch was given")
     run = run or default_run
     _, blocks = find_blocks(model)
+    formats = sorted({s.quantizer.format for s in sites(model) if getattr(s.quantizer, "format", None)})
+    if formats:
+        raise ValueError(f"calibrate: GPTQ runs on jacquant's integer grid; this model has GGUF-format sites "
+                         f"({', '.join(formats)}); transform without format= to calibrate, or start from the format's "
+                         "round-to-nearest grid")
     was_training = model.training
     model.eval()
     report: list[dict] = []

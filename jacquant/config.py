@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
+from .formats import FORMATS
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("ste", "stableqat", "jacquant")
-SCALE_INITS = ("minmax", "mse")
+SCALE_INITS = ("minmax", "mse", "llama")
 
 
 @dataclass
@@ -22,13 +24,22 @@ class QuantConfig:
             (G = K).
         method: backward rule for the weight, ``"ste"`` (clipped STE), ``"stableqat"`` (Fourier
             surrogate) or ``"jacquant"`` (learned group-wise Jacobian surrogate B).
-        init: scale initialisation, ``"minmax"`` or ``"mse"`` (clipping-ratio search).
+        init: scale initialisation, ``"minmax"``, ``"mse"`` (clipping-ratio search) or, with a ``format``,
+            ``"llama"`` (llama.cpp's own choice: a weighted least-squares search per block, see
+            :func:`jacquant.formats.init_llama`).
         symmetric: fixed zero point 2^(b-1) (onnxruntime's default grid) instead of a fitted one.
         amplitude: StableQAT's A (0 gives STE; must stay below 1/(sqrt(2)·pi) ≈ 0.225).
         include_head: also quantize the LM head (a matmul whose weight is tied to an embedding, or
             the model's ``get_output_embeddings()``).
         filter: ``filter(name, module) -> bool``; a site is quantized only where it returns True.
             ``name`` is the site's name as :func:`jacquant.summary` prints it.
+        format: a GGUF format, ``"q4_0"``, ``"q4_1"`` or ``"q2_k"`` (:data:`jacquant.formats.FORMATS`): the
+            forward fake-quant equals llama.cpp's dequantization of that format bit for bit, and the trained
+            model exports to GGUF (:func:`jacquant.export.export_gguf`). It sets the bits, group and grid
+            (``bits``, ``group`` and ``symmetric`` are then not used). A callable ``format(name, module)``
+            chooses per site (returning a format name, or None for ``fallback``).
+        fallback: the format of a layer whose in_features is not a multiple of ``format``'s block (llama.cpp
+            falls back to ``"q4_0"`` for rows that k-quants cannot hold). None: such a layer is an error.
     """
 
     bits: int = 2
@@ -39,8 +50,25 @@ class QuantConfig:
     amplitude: float = 0.21
     include_head: bool = False
     filter: Optional[Callable[[str, nn.Module], bool]] = None
+    format: Union[str, Callable[[str, nn.Module], Optional[str]], None] = None
+    fallback: Optional[str] = None
 
     def __post_init__(self) -> None:
+        for field in ("format", "fallback"):
+            value = getattr(self, field)
+            if isinstance(value, str) and value not in FORMATS:
+                raise ValueError(f"QuantConfig.{field}={value!r} is not a GGUF format jacquant trains; use one of "
+                                 f"{tuple(FORMATS)}")
+        if self.format is not None and not isinstance(self.format, str) and not callable(self.format):
+            raise TypeError("QuantConfig.format must be a format name or a callable format(name, module) -> str")
+        if self.fallback is not None and self.format is None:
+            raise ValueError("QuantConfig.fallback is the format of layers the main format cannot hold; set format too")
+        if isinstance(self.format, str):  # the format decides the grid; bits/group describe it for summary()
+            spec = FORMATS[self.format]
+            self.bits, self.group, self.symmetric = spec.bits, spec.group, spec.zero_point is not None
+        if self.init == "llama" and self.format is None:
+            raise ValueError("QuantConfig.init='llama' is llama.cpp's scale search for a GGUF format; set format= "
+                             "or use init='mse'")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"QuantConfig.bits must be an int, got {type(self.bits).__name__}")
         if self.bits not in SUPPORTED_BITS:

@@ -13,6 +13,10 @@ goes through the custom op ``jacquant::packed_linear`` (one node in an exported 
 :mod:`jacquant.export.onnx`). The fp weight is dropped from its owner unless another module still
 uses it (a head tied to an embedding keeps the embedding table, which stays full precision).
 
+A site trained on a GGUF format (:mod:`jacquant.formats`) converts to what that format stores: Q4_0 to a
+PackedWeight as above (z = 8, G = 32, s the fp16 value the forward used), Q4_1 and Q2_K to a
+:class:`~jacquant.gguf_blocks.GGUFWeight` holding the format's block bytes.
+
 Checkpoints are safetensors (no pickle) with metadata naming every packed layer, its bits, group,
 shape and storage width; :func:`load_converted` refuses a file whose metadata does not match.
 """
@@ -27,6 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
+from .gguf_blocks import GGUFWeight
 from .kernels.packed_matmul import packed_linear as _packed_linear_kernel
 from .packing import pack_codes, unpack_codes
 from .passes.rewrite import install_forward, installed_graph, quantizer_attr
@@ -65,10 +70,13 @@ class PackedWeight(nn.Module):
     ``bits`` is the code width b (codes < 2^b), ``storage_bits`` the container width (2, 4 or 8).
     """
 
+    format: Optional[str] = None  # "q4_0" for a site trained on GGUF's Q4_0 grid
+
     def __init__(self, packed: Tensor, scale: Tensor, zero_point: Tensor, *, bits: int, group: int, name: str,
-                 weight_attr: str, transposed: bool):
+                 weight_attr: str, transposed: bool, format: Optional[str] = None):
         super().__init__()
         self.bits, self.group, self.storage_bits = bits, group, storage_bits(bits)
+        self.format = format
         self.name, self.weight_attr, self.transposed = name, weight_attr, transposed
         self.register_buffer("packed", packed)  # uint8 [N, K/G, G·storage_bits/8]
         self.register_buffer("scale", scale)  # float32 [N, K/G]
@@ -77,15 +85,16 @@ class PackedWeight(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_quantizer(cls, q: WeightQuantizer, weight: Tensor) -> "PackedWeight":
-        """Pack ``q.codes(weight)``; refuses a group whose G·container bits is not a whole byte count."""
+        """Pack ``q.codes(weight)`` with the scale the forward used (for Q4_0 its fp16 value); refuses a group
+        whose G·container bits is not a whole byte count."""
         width = storage_bits(q.bits)
         if (q.group * width) % 8:
             raise ValueError(f"layer `{q.name}`: group {q.group} with {q.bits}-bit codes ({width}-bit container) does "
                              f"not pack into whole bytes; use a group that is a multiple of {8 // width}")
         packed = pack_codes(q.codes(weight), width, q.group)
-        scale = q.scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR).clone()
+        scale = q.effective_scale().detach().to(torch.float32).clamp_min(SCALE_FLOOR).clone()
         return cls(packed, scale, q.zero_point.detach().clone(), bits=q.bits, group=q.group, name=q.name,
-                   weight_attr=q.weight_attr, transposed=q.transposed)
+                   weight_attr=q.weight_attr, transposed=q.transposed, format=q.format)
 
     @property
     def out_features(self) -> int:
@@ -109,12 +118,14 @@ class PackedWeight(nn.Module):
 
     def layer_info(self) -> dict:
         """What a checkpoint's metadata records for this layer."""
-        return {"bits": self.bits, "group": self.group, "storage_bits": self.storage_bits, "out_features":
+        info = {"bits": self.bits, "group": self.group, "storage_bits": self.storage_bits, "out_features":
                 self.out_features, "in_features": self.in_features, "weight_attr": self.weight_attr,
                 "transposed": self.transposed}
+        return {**info, "format": self.format} if self.format else info
 
     def extra_repr(self) -> str:
         return (f"{self.weight_attr}: [{self.out_features}, {self.in_features}], bits={self.bits}, group={self.group}"
+                f"{f', format={self.format}' if self.format else ''}"
                 f"{'' if self.storage_bits == self.bits else f', {self.storage_bits}-bit container'}")
 
 
@@ -123,13 +134,17 @@ class PackedSite(NamedTuple):
 
     name: str
     path: str
-    packed: PackedWeight
+    packed: "PackedWeight | GGUFWeight"
+
+
+PACKED_TYPES = (PackedWeight, GGUFWeight)
 
 
 def packed_sites(model: nn.Module) -> Iterator[PackedSite]:
-    """Every :class:`PackedWeight` of a converted model, in module order."""
+    """Every :class:`PackedWeight` (and :class:`~jacquant.gguf_blocks.GGUFWeight`) of a converted model, in
+    module order."""
     for path, m in model.named_modules():
-        if isinstance(m, PackedWeight):
+        if isinstance(m, PACKED_TYPES):
             yield PackedSite(m.name, path, m)
 
 
@@ -149,7 +164,7 @@ def convert(model: nn.Module) -> nn.Module:
 
     Raises ValueError for a model that was never transformed, or one already converted.
     """
-    if any(isinstance(m, PackedWeight) for m in model.modules()) and not any(True for _ in sites(model)):
+    if any(isinstance(m, PACKED_TYPES) for m in model.modules()) and not any(True for _ in sites(model)):
         raise ValueError(f"{type(model).__name__} is already converted by jacquant; convert a transformed model once")
     found = list(sites(model))
     if not found:
@@ -166,6 +181,18 @@ def convert(model: nn.Module) -> nn.Module:
     return model
 
 
+def converted_copy(model: nn.Module) -> nn.Module:
+    """A converted model to export: ``model`` itself if converted, else a converted deep copy."""
+    import copy
+
+    if any(isinstance(m, WeightQuantizer) for m in model.modules()):
+        return convert(copy.deepcopy(model))
+    if any(isinstance(m, PACKED_TYPES) for m in model.modules()):
+        return model
+    raise ValueError(f"{type(model).__name__} is not quantized by jacquant: call jacquant.transform(model, bits, "
+                     "group) (and train it) before exporting it")
+
+
 def _convert_owner(model: nn.Module, owner_sites: list) -> None:
     owner = owner_sites[0].owner
     gm = installed_graph(owner)
@@ -176,7 +203,8 @@ def _convert_owner(model: nn.Module, owner_sites: list) -> None:
     graph.output(graph.graph_copy(gm.graph, {}))
     by_target = {quantizer_attr(s.quantizer.weight_attr): s for s in owner_sites}
     for s in owner_sites:
-        owner.register_module(packed_attr(s.quantizer.weight_attr), PackedWeight.from_quantizer(s.quantizer, s.weight))
+        form = GGUFWeight if hasattr(s.quantizer, "gguf_params") else PackedWeight
+        owner.register_module(packed_attr(s.quantizer.weight_attr), form.from_quantizer(s.quantizer, s.weight))
     for node in list(graph.nodes):
         if node.op != "call_module" or node.target not in by_target:
             continue
@@ -340,7 +368,7 @@ def load_converted(model: nn.Module, path: str) -> nn.Module:
 
     meta = read_metadata(path)
     layers: dict = meta["layers"]
-    if not any(isinstance(m, (WeightQuantizer, PackedWeight)) for m in model.modules()):
+    if not any(isinstance(m, (WeightQuantizer,) + PACKED_TYPES) for m in model.modules()):
         _transform_like(model, layers, path)
     if any(True for _ in sites(model)):
         convert(model)
@@ -364,6 +392,11 @@ def load_converted(model: nn.Module, path: str) -> nn.Module:
                 raise ValueError(f"{path}: tensor `{key}` is {dtype} {list(sl.get_shape())} in the checkpoint but "
                                  f"{state[key].dtype} {list(state[key].shape)} in the model")
         for s in packed_sites(model):  # values, before anything is written into the model
+            if isinstance(s.packed, GGUFWeight):
+                key = (f"{s.path}." if s.path else "") + "blocks"
+                if key in keys:
+                    check_gguf_blocks(s.name, s.packed.format, s.packed.in_features, f.get_tensor(key), path)
+                continue
             prefix = f"{s.path}." if s.path else ""
             names = [prefix + t for t in ("packed", "scale", "zero_point")]
             if all(n in keys for n in names):
@@ -395,6 +428,14 @@ def check_packed_tensors(name: str, bits: int, group: int, packed: Tensor, scale
                          f"{bits}-bit code")
 
 
+def check_gguf_blocks(name: str, fmt: str, k: int, blocks: Tensor, path: str = "checkpoint") -> None:
+    """Refuse GGUF block bytes whose fp16 scales or mins are not finite (a tampered or damaged file)."""
+    from .gguf_blocks import dequantize
+
+    if not bool(torch.isfinite(dequantize(blocks, fmt, k)).all()):
+        raise ValueError(f"{path}: the {fmt} blocks of layer `{name}` hold non-finite scales or mins")
+
+
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
                        "I64": torch.int64, "BOOL": torch.bool}
@@ -404,11 +445,18 @@ def _transform_like(model: nn.Module, layers: dict, path: str) -> None:
     """Transform a full-precision skeleton with the checkpoint's bits and group, on its layers only."""
     from .api import transform
 
+    names = {v["name"]: v.get("format") for v in layers.values()}
+    if any(names.values()):  # GGUF formats, possibly mixed (Q2_K where rows allow, Q4_0 elsewhere)
+        if not all(names.values()):
+            raise ValueError(f"{path} mixes GGUF-format and plain layers; pass a model already transformed or "
+                             "converted with the same layers to load_converted")
+        transform(model, method="ste", init="minmax", include_head=True, filter=lambda name, module: name in names,
+                  format=lambda name, module: names[name])
+        return
     configs = {(v["bits"], v["group"]) for v in layers.values()}
     if len(configs) != 1:
         raise ValueError(f"{path} mixes (bits, group) settings {sorted(configs)}; pass a model already transformed "
                          "or converted with the same layers to load_converted")
     (bits, group), = configs
-    names = {v["name"] for v in layers.values()}
     transform(model, bits=bits, group=group, method="ste", init="minmax", include_head=True,
               filter=lambda name, module: name in names)

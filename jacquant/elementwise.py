@@ -263,6 +263,10 @@ class ElementwiseHooks:
         if bad:
             raise ValueError(f"per-element rules read w.grad as m·dL/dq: sites {bad[:3]} use another rule; "
                              "transform with method='ste'")
+        scaled_min = [s.name for s in found if hasattr(s.quantizer, "affine_grid")]
+        if scaled_min:
+            raise ValueError(f"per-element rules act on the integer-zero-point grid: sites {scaled_min[:3]} use a GGUF "
+                             "scale-and-min format (q4_1, q2_k); use a recipe without an elementwise rule for them")
         if config.needs_loss and loss_fn is None:
             raise ValueError("ElementwiseConfig with delta=None fits δ on a calibration loss: pass loss_fn")
         self.sites, self.config, self.loss_fn = found, config, loss_fn

@@ -10,6 +10,10 @@ and its backward
     dL/dq = (dL/dy)^T · x                                   [N, K]
     dL/dW, dL/ds = surrogate rule and LSQ (``jacquant::fake_quant_backward``)
 
+``jacquant::qlinear_affine(x, W, s, m, B, bias, bits, group, rule, A)`` is the same for the scale-and-min
+grid of GGUF's Q4_1 and Q2_K, Q(W) = s·clamp(round((W - m)/s), 0, 2^b - 1) + m, with dL/dm beside dL/ds
+(``jacquant::fake_quant_affine_backward``, :func:`jacquant.surrogates.backward_affine`).
+
 Q(W) is recomputed in the backward rather than saved, so no extra weight-sized tensor lives
 between forward and backward.
 
@@ -88,3 +92,53 @@ def _backward(ctx, grad_y):
 
 
 qlinear.register_autograd(_backward, setup_context=_setup_context)
+
+
+
+# ----------------------------------------------------------------------------- scale-and-min grid (GGUF Q4_1, Q2_K)
+@torch.library.triton_op("jacquant::fake_quant_affine", mutates_args=())
+def fake_quant_affine(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """Q(W) = s·c + m for W [N, K] with per-group scale and float min [N, K/G] (no autograd)."""
+    return kernels.affine_forward(w, scale, minimum, bits, group)
+
+
+@torch.library.triton_op("jacquant::fake_quant_affine_backward", mutates_args=())
+def fake_quant_affine_backward(
+    grad_q: Tensor, w: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor,
+    bits: int, group: int, rule: str, amplitude: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dW [N, K], dL/ds [N, K/G], dL/dm [N, K/G]) from dL/dq by the surrogate ``rule``, LSQ and LSQ+."""
+    return kernels.affine_backward(grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)
+
+
+@torch.library.triton_op("jacquant::qlinear_affine", mutates_args=())
+def qlinear_affine(
+    x: Tensor, weight: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor, bias: Optional[Tensor],
+    bits: int, group: int, rule: str, amplitude: float,
+) -> Tensor:
+    """y = x · Q(W)^T + bias with Q(W) = s·c + m, x [..., K], W [N, K] -> y [..., N] in x's dtype."""
+    q = kernels.affine_forward(weight, scale, minimum, bits, group).to(x.dtype)
+    return F.linear(x, q, None if bias is None else bias.to(x.dtype))
+
+
+def _affine_backward(ctx, grad_y):
+    x, weight, scale, minimum, jac = ctx.saved_tensors
+    bits, group, rule, amplitude = ctx.args
+    n, k = weight.shape
+    grad_x = grad_w = grad_s = grad_m = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y @ torch.ops.jacquant.fake_quant_affine(weight, scale, minimum, bits, group).to(grad_y.dtype)
+    gy = grad_y.reshape(-1, n)  # [M, N]
+    if any(ctx.needs_input_grad[1:4]):
+        grad_q = (gy.t() @ x.reshape(-1, k).to(gy.dtype)).to(weight.dtype)  # [N, K]
+        grad_w, grad_s, grad_m = torch.ops.jacquant.fake_quant_affine_backward(
+            grad_q, weight, scale, minimum, jac, bits, group, rule, amplitude)
+        grad_w = grad_w if ctx.needs_input_grad[1] else None
+        grad_s = grad_s if ctx.needs_input_grad[2] else None
+        grad_m = grad_m if ctx.needs_input_grad[3] else None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+        grad_b = gy.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_s, grad_m, None, grad_b, None, None, None, None
+
+
+qlinear_affine.register_autograd(_affine_backward, setup_context=_setup_context)

@@ -6,6 +6,13 @@ b bits, per-group scale s_g > 0 and integer zero point z_g:
     v = w / s + z            codes c = clamp(round(v), 0, 2^b - 1)            Q(w) = s · (c - z)
 
 Scales and zero points have shape [N, K/G]; every function here broadcasts them over the group.
+
+The *scale-and-min* grid (GGUF's Q4_1 and Q2_K, :mod:`jacquant.formats`) has a float offset m per group
+instead of an integer zero point:
+
+    v = (w - m) / s          codes c = clamp(round(v), 0, 2^b - 1)            Q(w) = s · c + m
+
+computed in fp32 in this order, so that with s and m fp16 values (and s·c exact) Q is llama.cpp's d·q + m.
 """
 from __future__ import annotations
 
@@ -66,6 +73,35 @@ def fake_quantize(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group
     s = scale.to(v.dtype).clamp_min(SCALE_FLOOR).unsqueeze(-1)
     z = zero_point.to(v.dtype).unsqueeze(-1)
     return (s * (c - z)).reshape(w.shape).to(w.dtype)
+
+
+def scaled_affine(w: Tensor, scale: Tensor, minimum: Tensor, group: int) -> Tensor:
+    """v = (w - m)/s, shape [N, K/G, G], fp32 (at least)."""
+    dt = torch.promote_types(w.dtype, torch.float32)
+    s = scale.to(dt).clamp_min(SCALE_FLOOR).unsqueeze(-1)
+    m = minimum.to(dt).unsqueeze(-1)
+    return (grouped(w.to(dt), group) - m) / s
+
+
+def quantize_affine(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """Integer codes c = clamp(round((w - m)/s), 0, 2^b - 1) as uint8, shape [N, K]."""
+    return scaled_affine(w, scale, minimum, group).round().clamp(0, qmax(bits)).to(torch.uint8).reshape(w.shape)
+
+
+def dequantize_affine(codes: Tensor, scale: Tensor, minimum: Tensor, group: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """Q = s · c + m from uint8 codes [N, K]; result [N, K] in ``dtype``."""
+    c = grouped(codes.to(torch.float32), group)
+    s = scale.to(torch.float32).clamp_min(SCALE_FLOOR).unsqueeze(-1)
+    return (s * c + minimum.to(torch.float32).unsqueeze(-1)).reshape(codes.shape).to(dtype)
+
+
+def fake_quantize_affine(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """Q(w) = s · clamp(round((w - m)/s), 0, 2^b - 1) + m, same shape and dtype as w."""
+    v = scaled_affine(w, scale, minimum, group)
+    c = v.round().clamp(0, qmax(bits))
+    s = scale.to(v.dtype).clamp_min(SCALE_FLOOR).unsqueeze(-1)
+    return (s * c + minimum.to(v.dtype).unsqueeze(-1)).reshape(w.shape).to(w.dtype)
 
 
 def in_range_mask(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: int) -> Tensor:

@@ -156,12 +156,12 @@ def refresh(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) ->
             b_hats = fit(loss_fn, model, c.width, c.n_probes, generator=gen)
     for s in sites(model):
         q = s.quantizer
-        w = q.as_nk(s.weight.detach())
+        w, scale, zero_point = q.grid_inputs(q.as_nk(s.weight.detach()))  # v = w/s + z as the forward has it
         if c.estimator == "dither":
-            b_hat = fast.dither(w, q.scale, q.zero_point, q.bits, q.group, c.width)  # Triton on CUDA
+            b_hat = fast.dither(w, scale, zero_point, q.bits, q.group, c.width)  # Triton on CUDA
         elif c.estimator == "probe":
-            delta = estimators.probe_deltas(w, q.scale, q.group, c.width, generator=gen)
-            b_hat = fast.probe_from_deltas(w, q.scale, q.zero_point, q.bits, q.group, delta)
+            delta = estimators.probe_deltas(w, scale, q.group, c.width, generator=gen)
+            b_hat = fast.probe_from_deltas(w, scale, zero_point, q.bits, q.group, delta)
         else:
             b_hat = b_hats[s.name]
         q.jac.copy_(smooth(q.jac, b_hat.to(q.jac.device), c.beta, c.lam, c.b_min, c.b_max))

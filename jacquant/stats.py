@@ -29,7 +29,7 @@ PREV = "prev_codes"
 def site_stats(quantizer: nn.Module, weight: torch.Tensor) -> dict[str, Optional[float]]:
     """The diagnostics of one site (see module docstring); updates its ``prev_codes``."""
     q = quantizer
-    v = scaled(q.as_nk(weight.detach()), q.scale.detach(), q.zero_point, q.group)  # [N, K/G, G]
+    v = scaled(*q.grid_inputs(q.as_nk(weight.detach())), q.group)  # [N, K/G, G]
     top = qmax(q.bits)
     codes = v.round().clamp(0, top).to(torch.uint8)
     prev = getattr(q, PREV, None)

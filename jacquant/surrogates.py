@@ -9,6 +9,9 @@ All rules share one form (method.md):
     jacquant   f_i = B_g   (one learned scalar per group, a buffer refreshed by the estimators)
 
 The scale always gets LSQ's gradient (see :func:`lsq_scale_grad`).
+
+The scale-and-min grid Q = s·c + m (:func:`jacquant.quantizer.fake_quantize_affine`) takes the same rules
+with v = (w - m)/s (:func:`backward_affine`).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .quantizer import SCALE_FLOOR, grouped, qmax, scaled
+from .quantizer import SCALE_FLOOR, grouped, qmax, scaled, scaled_affine
 
 RULES = ("ste", "stableqat", "jacquant")
 
@@ -107,3 +110,37 @@ def _lsq_scale_grad(gq: Tensor, v: Tensor, m: Tensor, scale: Tensor, zero_point:
     dq_ds = (c - z) - torch.where(m, v - z, torch.zeros_like(v))  # v - z = w/s
     gamma = 1.0 / math.sqrt(v.shape[-1] * qmax(bits))
     return (gq.to(v.dtype) * dq_ds).sum(-1).mul(gamma).to(scale.dtype)
+
+
+def backward_affine(
+    grad_q: Tensor, w: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor,
+    bits: int, group: int, rule: str, amplitude: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dw [N, K], dL/ds [N, K/G], dL/dm [N, K/G]) for the scale-and-min grid Q = s·c + m.
+
+    With v = (w - m)/s, c = clamp(round v, 0, q), q = 2^b - 1, m_i = 1[0 <= v_i <= q] and the rounding
+    passed straight through inside the range (Q = w there):
+
+        dL/dw_i = f_i · m_i · dL/dq_i          f as for the integer grid, StableQAT's S from this v
+        dq/ds   = c - m_i · v_i                dL/ds_g = γ · sum_{i in g} dL/dq_i · (c_i - m_i·v_i)
+        dq/dm   = 1 - m_i                      dL/dm_g = γ · sum_{i in g} dL/dq_i · (1 - m_i)
+
+    γ = 1/sqrt(G·q), LSQ's gradient scale, on both (LSQ+ scales its offset's gradient alike). With B ≡ 1,
+    "jacquant" equals "ste" bit for bit.
+    """
+    v = scaled_affine(w, scale, minimum, group)  # [N, K/G, G]
+    mask = _mask(v, bits)
+    gq = grouped(grad_q, group)
+    if rule == "stableqat":
+        S = math.sqrt(2.0) * math.pi * amplitude * torch.cos(math.pi * (v + v.round()))
+        g = gq * mask * ((1 - S) / (1 + S)).to(gq.dtype)
+    elif rule in ("ste", "jacquant"):
+        g = gq * mask if rule == "ste" else gq * mask * jac.to(gq.dtype).unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown backward rule {rule!r}; use one of {RULES}")
+    c = v.round().clamp(0, qmax(bits))
+    gamma = 1.0 / math.sqrt(v.shape[-1] * qmax(bits))
+    gqf = gq.to(v.dtype)
+    grad_s = (gqf * (c - torch.where(mask, v, torch.zeros_like(v)))).sum(-1).mul(gamma).to(scale.dtype)
+    grad_m = (gqf * (~mask)).sum(-1).mul(gamma).to(minimum.dtype)
+    return g.reshape(w.shape).to(w.dtype), grad_s, grad_m

@@ -5,7 +5,9 @@
     jacquant train MODEL --text FILE ... --out DIR      2-bit QAT of your causal LM (HF directory or .gguf)
     jacquant eval MODEL --text FILE ... [--out DIR]     perplexity, full precision or trained
     jacquant export MODEL --out DIR --onnx FILE         the trained model as an integer ONNX graph
-    jacquant generate MODEL_ONNX --prompt TEXT          text from a --kv-cache export, in onnxruntime
+    jacquant export MODEL --out DIR --gguf FILE         the trained model (--format) as a GGUF file for llama.cpp
+    jacquant generate MODEL --prompt TEXT               text from a --kv-cache ONNX export (onnxruntime) or a
+                                                        .gguf file (llama.cpp)
 """
 from __future__ import annotations
 
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kd: KL to the full-precision model's logits (default); ce: next-token cross entropy")
     tr.add_argument("--train-embedding", action="store_true",
                     help="also train the input embedding / tied LM head (default: frozen)")
+    tr.add_argument("--format", default=None, choices=("q4_0", "q4_1", "q2_k"),
+                    help="train on a GGUF format's grid (sets bits and group), for `export --gguf`")
+    tr.add_argument("--fallback", default=None, choices=("q4_0", "q4_1"),
+                    help="with --format: the format of layers whose rows it cannot hold (q2_k needs multiples of 256)")
+    tr.add_argument("--init", default="mse", choices=("mse", "minmax", "llama"),
+                    help="scale init: mse (default), minmax, or llama (llama.cpp's choice; with --format)")
     tr.add_argument("--checkpoint-every", type=int, default=50,
                     help="write --out/checkpoint.pt every N steps; the same command resumes from it (0: never; "
                          "default 50)")
@@ -130,10 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     _threads(ev)
 
-    ex = sub.add_parser("export", help="the trained model as an integer-weight ONNX graph")
+    ex = sub.add_parser("export", help="the trained model as an integer-weight ONNX graph or a GGUF file")
     ex.add_argument("model")
     ex.add_argument("--out", required=True, help="the `jacquant train` output directory")
-    ex.add_argument("--onnx", required=True, help="ONNX file to write")
+    dest = ex.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--onnx", help="ONNX file to write")
+    dest.add_argument("--gguf", help="GGUF file to write for llama.cpp (a model trained with --format; MODEL must be "
+                                     "the GGUF file it came from: its tokenizer is carried over)")
+    ex.add_argument("--head", default=None, choices=("q8_0", "f16", "f32"),
+                    help="with --gguf: the embedding/LM head's type (default: as the source GGUF had it)")
     ex.add_argument("--target", default="ort", choices=("ort", "onnx"),
                     help="ort: onnxruntime MatMulNBits; onnx: standard blocked DequantizeLinear (default ort)")
     ex.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
@@ -143,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--head-bits", type=int, default=None, choices=(2, 4, 8),
                     help="with --kv-cache: quantize a full-precision LM head (and tied embedding) to this width")
 
-    ge = sub.add_parser("generate", help="generate text with a `jacquant export --kv-cache` model in onnxruntime")
-    ge.add_argument("model_onnx", help="the decoder .onnx file (its tokenizer lies beside it)")
+    ge = sub.add_parser("generate", help="generate text with a --kv-cache ONNX export (onnxruntime) or a .gguf file "
+                                         "(llama.cpp)")
+    ge.add_argument("model_onnx", metavar="MODEL", help="the decoder .onnx file (its tokenizer lies beside it), or a "
+                                                        ".gguf file, run by llama.cpp")
     ge.add_argument("--prompt", required=True)
     ge.add_argument("--max-new-tokens", type=int, default=64)
     ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -152,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    ge.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    ge.add_argument("--threads", type=int, default=2, help="onnxruntime / llama.cpp threads (default 2)")
     return parser
 
 
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, text=args.text, out=args.out, bits=args.bits, group=args.group, method=args.method,
             steps=args.steps, tokens=args.tokens, seq=args.seq, batch=args.batch, lr=args.lr, seed=args.seed,
             device=args.device, loss=args.loss, freeze_embedding=not args.train_embedding,
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=args.checkpoint_every, format=args.format, fallback=args.fallback, init=args.init,
             pipeline=pipeline_from_args(args, TrainArgs.__dataclass_fields__["pipeline"].default_factory(),
                                         calib_seq=args.seq)))
         print(json.dumps(summary, indent=1))
@@ -194,17 +209,26 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(eval_model(args.model, args.text, args.out, args.seq, device=args.device), indent=1))
     elif args.command == "export":
+        if args.gguf:
+            from .workflow import export_gguf_model
+
+            print(json.dumps(export_gguf_model(args.model, args.out, args.gguf, args.head), indent=1))
+            return 0
         from .workflow import export_model
 
         print(json.dumps(export_model(args.model, args.out, args.onnx, args.target, args.accuracy_level,
                                       args.kv_cache, args.head_bits), indent=1))
     elif args.command == "generate":
-        from ..export import generate
+        if args.model_onnx.endswith(".gguf"):
+            from ..export.llamacpp import generate
+        else:
+            from ..export import generate
 
         r = generate(args.model_onnx, args.prompt, args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat, stream=True,
                      threads=args.threads)
-        print(f"\n[{r.prompt_tokens} prompt tokens, prefill {r.prefill_seconds:.3f} s; {len(r.token_ids)} new tokens, "
+        print(f"\n[{r.prompt_tokens} prompt tokens, prefill {r.prefill_seconds:.3f} s "
+              f"({r.prompt_tokens / max(r.prefill_seconds, 1e-9):.1f} tokens/s); {len(r.token_ids)} new tokens, "
               f"decode {r.decode_tokens_per_second:.1f} tokens/s; stopped by {r.stopped_by}]", file=sys.stderr)
     return 0
 

@@ -211,8 +211,12 @@ def freeze_embedding(model: nn.Module) -> None:
 
 
 def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[int], bits: int, group: int,
-        budget: Budget, out_dir: Optional[str] = None, log=print, tokenizer=None) -> tuple[list[dict], dict[str, nn.Module]]:
+        budget: Budget, out_dir: Optional[str] = None, log=print, tokenizer=None,
+        config: Optional[QuantConfig] = None) -> tuple[list[dict], dict[str, nn.Module]]:
     """QAT of ``fp_model`` by each method and seed; returns (rows, {method: model of seed ``seeds[0]``}).
+
+    ``config``: the grid (e.g. ``QuantConfig(format="q4_0")``) instead of ``QuantConfig(bits, group)``; each
+    recipe sets its method. ``tokenizer``: scores every row on the second English text too.
 
     Per seed: the calibration windows (drawn with the seed from the training stream) and the pipeline's
     start (RTN or GPTQ, :func:`jacquant.app.pipeline.calibrated_start`), shared by every method; then per
@@ -243,7 +247,7 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
     log(f"fp held-out perplexity {rows[0]['metrics']['ppl']:.3f} ({time.perf_counter() - t0:.0f} s)")
     objective = loss_fn(budget.loss, fp_model)
     kept: dict[str, nn.Module] = {}
-    config = QuantConfig(bits=bits, group=group)
+    config = config or QuantConfig(bits=bits, group=group)
     pipe = budget.pipeline
     for seed in seeds:
         needs_calib = pipe.calib_tokens or any(r.name == "gptq" for r in methods)

@@ -8,6 +8,10 @@ model's tokenizer, or byte by byte (UTF-8, ids 0-255) when the directory has non
 ``train`` writes to its output directory: ``model.safetensors`` (the converted integer model,
 :func:`jacquant.save_converted`), ``jacquant.json`` (settings and perplexities), ``stats.jsonl`` and
 ``stats.png`` (diagnostics over the run). ``eval`` and ``export`` read that directory back.
+
+With ``--format q4_0 | q4_1 | q2_k`` (GGUF's formats, :mod:`jacquant.formats`) the integer model is that format's,
+and ``jacquant export MODEL --out DIR --gguf FILE`` writes it for llama.cpp (:func:`jacquant.export.export_gguf`),
+the tokenizer and metadata carried over from MODEL's GGUF file.
 """
 from __future__ import annotations
 
@@ -56,6 +60,14 @@ class TrainArgs:
     freeze_embedding: bool = True
     checkpoint_every: int = 50
     pipeline: Pipeline = field(default_factory=Pipeline)  # the calibrated start and the block-wise phase (issue 19)
+    format: Optional[str] = None
+    fallback: Optional[str] = None
+    init: str = "mse"
+
+    def config(self) -> QuantConfig:
+        """The QuantConfig of the run (a GGUF ``format`` sets bits and group)."""
+        return QuantConfig(bits=self.bits, group=self.group, format=self.format, fallback=self.fallback,
+                           init=self.init)
 
 
 def resolve_model(name: str) -> str:
@@ -134,8 +146,12 @@ def train_model(a: TrainArgs, log=print) -> dict:
         f"and {len(valid_ids):,} validation tokens ({'bytes' if tok is None else type(tok).__name__})")
     fp_ppl = perplexity(fp, valid_ids, a.seq, a.eval_windows)
     recipe = RECIPES[a.method]
-    config = QuantConfig(bits=a.bits, group=a.group)
+    config = a.config()
     pipe = a.pipeline
+    if a.format is not None and pipe.start == "gptq":
+        log(f"note: GPTQ runs on jacquant's integer grid; --format {a.format} starts from the format's own round-to-"
+            "nearest grid (as --start rtn)")
+        pipe = replace(pipe, start="rtn")
     os.makedirs(a.out, exist_ok=True)
     ckpt, start_ckpt, block_dir = (os.path.join(a.out, n) for n in ("checkpoint.pt", "start.pt", "blockwise"))
     model = calibrated_start(fp, replace(config, method=recipe.rule), replace(pipe, start="rtn"), None)  # GPTQ below
@@ -177,7 +193,8 @@ def train_model(a: TrainArgs, log=print) -> dict:
     plot(stats_path, os.path.join(a.out, "stats.png"))
     convert(model)  # also drops the refresh clock and RNG: training state, not part of the integer model
     save_converted(model.cpu(), os.path.join(a.out, "model.safetensors"))
-    summary = {"model": a.model, "bits": a.bits, "group": a.group, "method": a.method, "steps": steps,
+    summary = {"model": a.model, "bits": config.bits, "group": config.group, "format": a.format,
+               "fallback": a.fallback, "init": a.init, "method": a.method, "steps": steps,
                "tokens": steps * a.batch * a.seq, "seq": a.seq, "lr": a.lr, "seed": a.seed, "seconds": seconds,
                "loss": a.loss, "freeze_embedding": a.freeze_embedding,
                "tokenizer": "bytes" if tok is None else "model",
@@ -232,3 +249,19 @@ def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accu
     example = torch.randint(0, m.config.vocab_size, (2, 16))
     export_onnx(m, (example,), onnx_path, target=target, accuracy_level=accuracy_level, widen_bits=summary["bits"] == 3)
     return {"path": onnx_path, "mib": os.path.getsize(onnx_path) / 2**20, "target": target, "bits": summary["bits"]}
+
+
+def export_gguf_model(model: str, out: str, gguf_path: str, head: Optional[str] = None) -> dict:
+    """Write the trained model in ``out`` (trained with ``--format``) as a GGUF file for llama.cpp, carrying the
+    tokenizer and metadata over from ``model``'s GGUF file (:func:`jacquant.export.export_gguf`)."""
+    from ..export import export_gguf
+
+    source = gguf.find_gguf(model)
+    if source is None:
+        raise ValueError(f"{model!r} is not a GGUF file (or a directory holding one): `export --gguf` carries the "
+                         "tokenizer over from the GGUF file the model was trained from; pass that file as MODEL")
+    m, _, summary = load_trained(model, out)
+    if not summary.get("format"):
+        raise ValueError(f"{out} was trained on a plain {summary.get('bits')}-bit grid, not a GGUF format; train with "
+                         "`jacquant train ... --format q4_0` (or q4_1, q2_k [--fallback q4_0]) to ship to llama.cpp")
+    return export_gguf(m, gguf_path, source_gguf=source, head=head)

@@ -42,12 +42,12 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from ..convert import PackedWeight
+from ..convert import PackedWeight, converted_copy
 from ..packing import pack_codes, pack_zero_points, unpack_codes
 from ..quantizer import init_minmax, quantize
 from ..site import WeightQuantizer
-from .lower import ONNX_INT_TYPES, _int_tensor
-from .onnx import ACCURACY_LEVELS, MAX_PROTO_BYTES, converted_copy
+from .lower import ACCURACY_LEVELS, MAX_PROTO_BYTES, ONNX_INT_TYPES, _int_tensor
+from .validate import check_onnx
 
 MS = "com.microsoft"
 OPSET = 23
@@ -80,6 +80,9 @@ def _linear(module: nn.Module, name: str) -> Linear:
     """The weight of an ``nn.Linear`` of a full-precision or converted model."""
     bias = None if getattr(module, "bias", None) is None else module.bias.detach().float().numpy()
     packed = getattr(module, "weight_packed", None)
+    if packed is not None and not isinstance(packed, PackedWeight):
+        raise ValueError(f"layer `{name}`: GGUF's {packed.format} grid (scale and min) has no MatMulNBits form; export "
+                         "it with jacquant.export.export_gguf, or train with format='q4_0', which exports to both")
     if isinstance(packed, PackedWeight):
         if packed.bits != packed.storage_bits:
             raise ValueError(f"layer `{name}`: {packed.bits}-bit codes have no MatMulNBits kernel; quantize with 2 or 4 "
@@ -447,7 +450,6 @@ def export_decoder(model: nn.Module, path: Optional[str] = None, *, tokenizer=No
                    target: str = "ort", fold_zero_points: bool = False) -> onnx.ModelProto:
     """Build the KV-cache decoder (module docstring), check it, write it to ``path`` with ``tokenizer``
     (and a ``jacquant_decoder.json``) saved in the same directory, and return it."""
-    from .validate import check_onnx
 
     proto = build_decoder(model, accuracy_level=accuracy_level, head_bits=head_bits, head_group=head_group,
                           max_positions=max_positions, attention=attention, target=target,

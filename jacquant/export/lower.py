@@ -28,6 +28,8 @@ OP_TYPE = "PackedLinear"
 MS_DOMAIN = "com.microsoft"
 ONNX_INT_TYPES = {2: TensorProto.UINT2, 4: TensorProto.UINT4, 8: TensorProto.UINT8}
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+MAX_PROTO_BYTES = 2 ** 31 - 1  # protobuf's limit on one serialized ModelProto
 
 
 def packed_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

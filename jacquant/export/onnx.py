@@ -21,7 +21,6 @@ Targets and what each runtime computes (W = s·(c - z) exactly; only activations
 """
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any, Optional
 
@@ -30,14 +29,12 @@ import torch
 import torch.nn as nn
 from onnx.defs import OpSchema
 
-from ..convert import PackedWeight, convert, packed_sites
-from ..site import WeightQuantizer
-from .lower import packed_nodes, to_dequantize_linear, to_matmulnbits
+from ..convert import converted_copy, packed_sites
+from .decoder import export_decoder
+from .lower import ACCURACY_LEVELS, MAX_PROTO_BYTES, packed_nodes, to_dequantize_linear, to_matmulnbits
 from .validate import check_onnx
 
 TARGETS = ("ort", "onnx")
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-MAX_PROTO_BYTES = 2 ** 31 - 1
 
 
 def _packed_linear_schema() -> OpSchema:
@@ -65,20 +62,13 @@ def _translation_table() -> dict:
     return {torch.ops.jacquant.packed_linear.default: packed_linear}
 
 
-def converted_copy(model: nn.Module) -> nn.Module:
-    """A converted model to export: ``model`` itself if converted, else a converted deep copy."""
-    if any(isinstance(m, WeightQuantizer) for m in model.modules()):
-        return convert(copy.deepcopy(model))
-    if any(isinstance(m, PackedWeight) for m in model.modules()):
-        return model
-    raise ValueError(f"{type(model).__name__} is not quantized by jacquant: call jacquant.transform(model, bits, "
-                     "group) (and train it) before export_onnx; export a full-precision model with torch.onnx.export")
-
-
 def check_target(model: nn.Module, target: str, widen_bits: bool = False) -> None:
     """Refuse, before the slow export, a packed layer the target cannot represent exactly."""
     for s in packed_sites(model):
         p = s.packed
+        if not hasattr(p, "zero_point"):
+            raise ValueError(f"layer `{s.name}`: GGUF's {p.format} grid (scale and min) has no ONNX form; export it "
+                             "with jacquant.export.export_gguf, or train with format='q4_0', which exports to both")
         if p.bits != p.storage_bits and not widen_bits:
             raise ValueError(f"layer `{s.name}`: {p.bits}-bit codes have no ONNX integer type and no onnxruntime "
                              f"MatMulNBits CPU kernel (2, 4, 8 bits); pass widen_bits=True to export them exactly in "
@@ -142,8 +132,6 @@ def export_onnx(
     is not used. Generate with :func:`jacquant.export.generate`.
     """
     if kv_cache:
-        from .decoder import export_decoder
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
         return export_decoder(model, path, tokenizer=tokenizer, accuracy_level=accuracy_level, head_bits=head_bits,

@@ -64,6 +64,26 @@ def fake_quant_backward(
     return fake_quant_torch.fake_quant_backward(grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
 
 
+def affine_forward(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """Q(w) = s · clamp(round((w - m)/s), 0, 2^b - 1) + m (GGUF's Q4_1, Q2_K), [N, K] in w's dtype.
+
+    No Triton kernel: CUDA tensors take the torch path (the formats are trained on CPU for llama.cpp here;
+    a kernel would mirror :func:`_fake_quant_fwd_kernel` with ``(w - m)/s`` and ``c·s + m``)."""
+    if fused_cpu.usable(w, scale, minimum):
+        return fused_cpu.affine_forward(w, scale, minimum, bits, group)
+    return fake_quant_torch.affine_forward(w, scale, minimum, bits, group)
+
+
+def affine_backward(
+    grad_q: Tensor, w: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor,
+    bits: int, group: int, rule: str, amplitude: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dw, dL/ds, dL/dm) of the scale-and-min grid (:func:`jacquant.surrogates.backward_affine`)."""
+    if fused_cpu.usable(grad_q, w, scale, minimum, jac):
+        return fused_cpu.affine_backward(grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)
+    return fake_quant_torch.affine_backward(grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)
+
+
 # ----------------------------------------------------------------------------- forward kernel
 @triton.jit
 def _fake_quant_fwd_kernel(

@@ -71,3 +71,53 @@ def fake_quant_backward(
     dq_ds.sub_(v.sub_(z).masked_fill_(m.logical_not_(), 0))  # - where(m, v - z, 0)
     grad_s = dq_ds.mul_(gq.to(dt)).sum(-1).mul_(1.0 / math.sqrt(v.shape[-1] * top)).to(scale.dtype)
     return grad_w, grad_s
+
+
+# ----------------------------------------------------------------------------- scale-and-min grid (GGUF Q4_1, Q2_K)
+def _affine_grid(w: Tensor, scale: Tensor, minimum: Tensor) -> tuple[torch.dtype, Tensor, Tensor]:
+    """(compute dtype, s [N, K/G, 1] floored, m [N, K/G, 1]) as in :func:`jacquant.quantizer.scaled_affine`."""
+    dt = torch.promote_types(w.dtype, torch.float32)
+    return dt, scale.to(dt).clamp_min(SCALE_FLOOR).unsqueeze(-1), minimum.to(dt).unsqueeze(-1)
+
+
+def affine_forward(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """Q(w) = s · clamp(round((w - m)/s), 0, 2^b - 1) + m, [N, K] in w's dtype, in one buffer:
+
+        Q = ((w - m) / s).round().clamp(0, 2^b - 1) · s + m
+
+    equal to :func:`jacquant.quantizer.fake_quantize_affine` bit for bit (c·s = s·c in IEEE arithmetic)."""
+    dt, s, m = _affine_grid(w, scale, minimum)
+    q = torch.sub(grouped(w.to(dt), group), m)
+    q.div_(s).round_().clamp_(0, qmax(bits)).mul_(s).add_(m)
+    return q.reshape(w.shape).to(w.dtype)
+
+
+def affine_backward(
+    grad_q: Tensor, w: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor,
+    bits: int, group: int, rule: str, amplitude: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dw, dL/ds, dL/dm), equal to :func:`jacquant.surrogates.backward_affine`:
+
+        v = (w - m)/s,  mask = 1[0 <= v <= 2^b - 1],  dL/dw = (dL/dq · mask) · f
+        dL/ds_g = γ·sum_g dL/dq·(c - where(mask, v, 0)),  dL/dm_g = γ·sum_g dL/dq·(1 - mask)
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown backward rule {rule!r}; use one of {RULES}")
+    dt, s, m = _affine_grid(w, scale, minimum)
+    top = qmax(bits)
+    gq = grouped(grad_q, group)
+    v = torch.sub(grouped(w.to(dt), group), m).div_(s)  # v = (w - m)/s
+    inside = torch.ge(v, 0).logical_and_(torch.le(v, top))
+    g = torch.mul(gq, inside)
+    if rule == "jacquant":
+        g.mul_(jac.to(gq.dtype).unsqueeze(-1))
+    elif rule == "stableqat":
+        S = torch.round(v).add_(v).mul_(math.pi).cos_().mul_(math.sqrt(2.0) * math.pi * amplitude)
+        g.mul_(torch.neg(S).add_(1).div_(S.add_(1)).to(gq.dtype))
+    grad_w = g.reshape(w.shape).to(w.dtype)
+    gamma = 1.0 / math.sqrt(v.shape[-1] * top)
+    gqf = gq.to(dt)
+    grad_m = torch.mul(gqf, inside.logical_not()).sum(-1).mul_(gamma).to(minimum.dtype)
+    dq_ds = torch.round(v).clamp_(0, top).sub_(v.masked_fill_(inside.logical_not_(), 0))  # c - where(mask, v, 0)
+    grad_s = dq_ds.mul_(gqf).sum(-1).mul_(gamma).to(scale.dtype)
+    return grad_w, grad_s, grad_m

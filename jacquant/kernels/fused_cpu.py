@@ -88,3 +88,18 @@ def fake_quant_backward(
     to a few ulp."""
     return _run("backward", fake_quant_torch.fake_quant_backward, fake_quant_torch.fake_quant_backward,
                 grad_q, w, scale, zero_point, jac, bits, group, rule, amplitude)
+
+
+def affine_forward(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
+    """Q(w) = s · clamp(round((w - m)/s), 0, 2^b - 1) + m, fused; equal to the reference bit for bit."""
+    return _run("affine_forward", fake_quant_torch.affine_forward, fake_quant_torch.affine_forward,
+                w, scale, minimum, bits, group)
+
+
+def affine_backward(
+    grad_q: Tensor, w: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor,
+    bits: int, group: int, rule: str, amplitude: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dw, dL/ds, dL/dm) of the scale-and-min grid, fused (dL/dw bit for bit, the group sums to a few ulp)."""
+    return _run("affine_backward", fake_quant_torch.affine_backward, fake_quant_torch.affine_backward,
+                grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)
