@@ -15,6 +15,7 @@ past its byte budget), so memory stays bounded by the calibration activations of
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .blocks import capture_inputs, find_blocks
+from .formats import fp16_scale
 from .gptq import gptq_quantize, output_error
 from .quantizer import fake_quantize
 from .site import Site, sites
@@ -51,18 +53,21 @@ def calibrate(
     :func:`default_run` by default). ``damp`` is GPTQ's λ. In place; returns per site
     ``{"site", "block", "rtn_error", "gptq_error"}``: the calibration output errors ‖X(W − Q)^T‖² of the
     round-to-nearest start and of GPTQ's result, on the inputs the site saw (after the blocks before it
-    were calibrated). Raises ValueError for a model without quantized blocks or without batches.
+    were calibrated). GGUF scale-and-min sites (Q4_1, Q2_K) keep their start (a warning; rows with "skipped").
+    Raises ValueError for a model without quantized blocks, without batches, or with nothing to calibrate.
     """
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate: no calibration batch was given")
     run = run or default_run
     _, blocks = find_blocks(model)
-    formats = sorted({s.quantizer.format for s in sites(model) if getattr(s.quantizer, "format", None)})
-    if formats:
-        raise ValueError(f"calibrate: GPTQ runs on jacquant's integer grid; this model has GGUF-format sites "
-                         f"({', '.join(formats)}); transform without format= to calibrate, or start from the format's "
-                         "round-to-nearest grid")
+    affine = [s.name for s in sites(model) if _affine(s)]
+    if len(affine) == sum(1 for _ in sites(model)):
+        raise ValueError("calibrate: GPTQ runs on integer grids s·(c − z) (jacquant's own, GGUF's Q4_0); every site of "
+                         "this model has a scale-and-min GGUF format (Q4_1, Q2_K), so there is nothing to calibrate")
+    if affine:
+        warnings.warn(f"calibrate: {len(affine)} scale-and-min GGUF sites (e.g. `{affine[0]}`) keep their round-to-"
+                      "nearest start; GPTQ calibrates the integer-grid sites only", stacklevel=2)
     was_training = model.training
     model.eval()
     report: list[dict] = []
@@ -71,7 +76,10 @@ def calibrate(
         inputs = capture_inputs(model, blocks[0], batches, run, max_cache_bytes)
         for i, block in enumerate(tqdm(blocks, desc="calibrate (GPTQ)", disable=not progress, leave=False)):
             for shared, h in _hessians(block, list(sites(block)), inputs):
-                report += [{"block": i, **r} for r in _gptq_sites(shared, h, damp)]
+                report += [{"block": i, "site": st.name, "skipped": "scale-and-min format"} for st in shared if _affine(st)]
+                shared = [st for st in shared if not _affine(st)]
+                if shared:
+                    report += [{"block": i, **r} for r in _gptq_sites(shared, h, damp)]
             _forward_in_place(block, inputs)
     finally:
         if inputs is not None:
@@ -120,6 +128,11 @@ def _hessians(block: nn.Module, found: list[Site], inputs) -> list[tuple[list[Si
     return list(by_input.values())
 
 
+def _affine(st: Site) -> bool:
+    """A GGUF scale-and-min site (Q4_1, Q2_K): its grid is s·c + m, which GPTQ's integer grid does not cover."""
+    return getattr(st.quantizer, "format", None) not in (None, "q4_0")
+
+
 def _chunks(inputs):
     n, b = len(inputs.hidden), inputs.batch
     for r in range(0, n, b):
@@ -137,17 +150,20 @@ def _gptq_sites(shared: list[Site], h: Tensor, damp: float) -> list[dict]:
     """GPTQ of the sites that read one input, as one matrix (their rows stacked: H is theirs in common)
     when they share bits, group and grid, else one by one."""
     qs = [st.quantizer for st in shared]
-    if len({(q.bits, q.group, q.init, q.symmetric) for q in qs}) > 1:
+    if len({(q.bits, q.group, q.init, q.symmetric, q.format) for q in qs}) > 1:
         return [r for st in shared for r in _gptq_sites([st], h, damp)]
     q0 = qs[0]
     ws = [q.as_nk(st.weight).detach() for q, st in zip(qs, shared)]
     w = torch.cat(ws)
-    latent, scale, zero = gptq_quantize(w, h, q0.bits, q0.group, init=q0.init, symmetric=q0.symmetric, damp=damp)
+    q4_0 = q0.format == "q4_0"  # GGUF's Q4_0: zero point 8, the scale stored in fp16
+    latent, scale, zero = gptq_quantize(w, h, q0.bits, q0.group, init="mse" if q0.init == "llama" else q0.init,
+                                        symmetric=q0.symmetric or q4_0, damp=damp,
+                                        stored_scale=fp16_scale if q4_0 else None)
     out, row = [], 0
     for st, q, wi in zip(shared, qs, ws):
         rows = slice(row, row + wi.shape[0])
         row += wi.shape[0]
-        rtn = fake_quantize(wi, q.scale.detach(), q.zero_point, q.bits, q.group)
+        rtn = fake_quantize(wi, q.effective_scale().detach(), q.zero_point, q.bits, q.group)
         gptq = fake_quantize(latent[rows], scale[rows], zero[rows], q.bits, q.group)
         out.append({"site": st.name, "rtn_error": output_error(wi, rtn, h), "gptq_error": output_error(wi, gptq, h)})
         q.as_nk(st.weight).copy_(latent[rows])

@@ -22,6 +22,8 @@ weights, whose offsets inside their bins still carry GPTQ's rounding margins.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
@@ -52,14 +54,16 @@ def inverse_cholesky(h: Tensor) -> Tensor:
 
 def gptq_quantize(
     w: Tensor, h: Tensor, bits: int, group: int, *, init: str = "mse", symmetric: bool = False,
-    damp: float = 0.01, block: int = 128,
+    damp: float = 0.01, block: int = 128, stored_scale: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ of ``w`` [N, K] against the Hessian ``h`` = X^T X [K, K] on the b-bit grid with groups of ``group``.
 
     Returns (latent weights [N, K] in w's dtype, scale float32 [N, K/G], zero point uint8 [N, K/G]) with
     ``fake_quantize(latent, scale, zero_point, bits, group)`` the rounded weight (see the module docstring).
     ``init`` chooses each group's scale ("minmax" or "mse"), ``damp`` is λ, ``block`` the lazy-update width
-    (rounded up to a multiple of G; it changes the arithmetic's order only).
+    (rounded up to a multiple of G; it changes the arithmetic's order only). ``stored_scale`` maps a group's
+    fitted scale to the value the forward will multiply by (e.g. rounded to fp16 for GGUF's Q4_0), so the
+    columns are rounded, and their errors fed forward, on the grid the model will really use.
     """
     n, k = w.shape
     g = group_size(k, group)
@@ -83,6 +87,7 @@ def gptq_quantize(
             col = b0 + j
             if col % g == 0:  # a new group: its grid from its columns as they are now
                 s, z = init_scale(Wb[:, j:j + g].to(torch.float32), bits, g, init, symmetric)
+                s = stored_scale(s) if stored_scale is not None else s
                 scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
             wj = Wb[:, j]
             latent[:, col] = wj

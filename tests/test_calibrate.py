@@ -94,3 +94,31 @@ def test_calibrate_refuses_an_untransformed_model_and_no_data():
         jacquant.calibrate(fp, list(_data().split(4)))
     with pytest.raises(ValueError, match="no calibration batch"):
         jacquant.calibrate(q, [])
+
+
+def test_gguf_q4_0_sites_calibrate_on_their_fp16_grid_and_scale_and_min_sites_are_refused():
+    torch.manual_seed(0)
+    fp = tiny_llama()
+    q = jacquant.transform(copy.deepcopy(fp), format="q4_0", method="ste")
+    x = _data()
+    with torch.no_grad():
+        ref = fp(input_ids=x).logits
+        err_rtn = (q(input_ids=x).logits - ref).pow(2).mean()
+    report = jacquant.calibrate(q, list(x.split(4)), progress=False)
+    for s in jacquant.sites(q):
+        qq = s.quantizer
+        assert torch.equal(qq.scale, qq.scale.half().float()), s.name  # stored as fp16 holds it: the exported grid
+        assert (qq.zero_point == 8).all()
+    with torch.no_grad():
+        assert (q(input_ids=x).logits - ref).pow(2).mean() < err_rtn
+    assert all(r["gptq_error"] < r["rtn_error"] for r in report)
+    affine = jacquant.transform(copy.deepcopy(fp), format="q4_1", method="ste")
+    with pytest.raises(ValueError, match="nothing to calibrate"):
+        jacquant.calibrate(affine, list(x.split(4)))
+    mixed = jacquant.transform(copy.deepcopy(fp), format=lambda name, m: "q4_1" if "down_proj" in name else "q4_0",
+                               method="ste")
+    down = {n: p.detach().clone() for n, p in mixed.named_parameters() if "down_proj" in n}
+    with pytest.warns(UserWarning, match="2 scale-and-min GGUF sites"):
+        rows = jacquant.calibrate(mixed, list(x.split(4)), progress=False)
+    assert sum("skipped" in r for r in rows) == 2 and sum("gptq_error" in r for r in rows) == 12
+    assert all(torch.equal(p, down[n]) for n, p in mixed.named_parameters() if "down_proj" in n)

@@ -14,6 +14,7 @@ method its copy.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -102,10 +103,20 @@ def calibrated_start(fp: nn.Module, config: QuantConfig, pipeline: Pipeline, cal
     """A transformed copy of ``fp`` (``config``'s grid and rule) at the pipeline's start: RTN, or GPTQ on ``calib``."""
     model = transform(copy.deepcopy(fp), config=config)
     if pipeline.start == "gptq":
-        if calib is None:
-            raise ValueError("a GPTQ start needs calibration windows")
-        calibrate(model, list(calib.split(8)), progress=progress)
+        gptq_start(model, calib, progress)
     return model
+
+
+def gptq_start(model: nn.Module, calib: Optional[Tensor], progress: bool = True) -> None:
+    """:func:`jacquant.calibrate` on the calibration windows (8 per batch), in place; a model whose every site has a
+    GGUF scale-and-min format (which GPTQ does not cover) keeps its round-to-nearest start, with a warning."""
+    if calib is None:
+        raise ValueError("a GPTQ start needs calibration windows")
+    if all(getattr(s.quantizer, "format", None) not in (None, "q4_0") for s in sites(model)):
+        warnings.warn("every site has a GGUF scale-and-min format (Q4_1, Q2_K), which GPTQ does not cover: the pipeline "
+                      "starts from their round-to-nearest grid", stacklevel=2)
+        return
+    calibrate(model, list(calib.split(8)), progress=progress)
 
 
 def with_rule(start: nn.Module, rule: str, amplitude: Optional[float] = None) -> nn.Module:

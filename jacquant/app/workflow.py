@@ -27,12 +27,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import gguf, lm_track
-from ..calibrate import calibrate
 from ..config import QuantConfig
 from ..convert import convert, load_converted, save_converted
 from ..plot import plot
 from .blockwise import train_blocks
-from .pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, train_only_scales
+from .pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, gptq_start, train_only_scales
 from .qat import RECIPES, train
 
 VALID_FRACTION = 0.1
@@ -148,10 +147,6 @@ def train_model(a: TrainArgs, log=print) -> dict:
     recipe = RECIPES[a.method]
     config = a.config()
     pipe = a.pipeline
-    if a.format is not None and pipe.start == "gptq":
-        log(f"note: GPTQ runs on jacquant's integer grid; --format {a.format} starts from the format's own round-to-"
-            "nearest grid (as --start rtn)")
-        pipe = replace(pipe, start="rtn")
     os.makedirs(a.out, exist_ok=True)
     ckpt, start_ckpt, block_dir = (os.path.join(a.out, n) for n in ("checkpoint.pt", "start.pt", "blockwise"))
     model = calibrated_start(fp, replace(config, method=recipe.rule), replace(pipe, start="rtn"), None)  # GPTQ below
@@ -170,7 +165,7 @@ def train_model(a: TrainArgs, log=print) -> dict:
         if os.path.exists(start_ckpt):
             model.load_state_dict(torch.load(start_ckpt, map_location=a.device, weights_only=True))
         else:
-            calibrate(model, list(calib.split(8)))
+            gptq_start(model, calib)
             torch.save(model.state_dict(), start_ckpt)
     start_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows) if pipe.start == "gptq" and not resuming else None
     if pipe.block.steps and not resuming:
