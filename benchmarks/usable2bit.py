@@ -18,6 +18,9 @@ logits; the mean KL(p_fp ‖ p) per token on the main windows; bits per weight o
 with scales and zero points counted; calibration and training tokens; wall time of the quantization.
 
     flock /tmp/jacquant-cpu.lock python benchmarks/usable2bit.py --bits 2,3,4 --out benchmarks/results/usable2bit
+
+Rows accumulate in ``--out``/rows.jsonl over calls (the plot shows them all), so a table can be built in parts,
+e.g. ``--bits 2 --methods '' --ce ste --llama`` then ``--bits 3,4 --methods stableqat --ce ''``.
 """
 from __future__ import annotations
 
@@ -137,13 +140,17 @@ def main() -> None:
     if a.llama:
         llama_rows(fp, calib, main_w, other_w, emit)
     autoround = os.path.join(os.path.dirname(__file__), "results", "autoround.jsonl")
-    if os.path.exists(autoround):
+    extra = []
+    if os.path.exists(autoround):  # benchmarks/autoround.py ran in its own venv: its rows, same windows
         for line in open(autoround):
             r = json.loads(line)
-            print(f"| autoround (from {os.path.basename(autoround)}) | {r.get('bits')} | {r.get('ppl')} | "
-                  f"{r.get('ppl_other', '–')} | {r.get('kl')} | {r.get('bpw')} | {r.get('calib_tokens')} | 0 | "
-                  f"{r.get('seconds')} |")
-    plot(os.path.join(a.out, "bpw_vs_ppl.png"), [json.loads(x) for x in open(jsonl)])
+            row = {"system": "autoround", "bits": r["bits"], "ppl": r["ppl"], "ppl_other": float("nan"),
+                   "kl": r["kl"], "bpw": r["bits_per_weight"], "calib_tokens": r["calibration_tokens"],
+                   "train_tokens": 0, "seconds": r["quantize_seconds"]}
+            extra.append(row)
+            print(f"| {row['system']} | {row['bits']} | {row['ppl']:.2f} | – | {row['kl']:.4f} | {row['bpw']:.2f} | "
+                  f"{row['calib_tokens']:,} | 0 | {row['seconds']:.0f} |", flush=True)
+    plot(os.path.join(a.out, "bpw_vs_ppl.png"), [json.loads(x) for x in open(jsonl)] + extra)  # every call's rows
 
 
 def llama_rows(fp, calib, main_w, other_w, emit) -> None:

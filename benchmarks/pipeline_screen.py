@@ -1,0 +1,82 @@
+"""Screen the pipeline's phases on the tuning slice (issue 19): start → block-wise → end to end, one configuration
+per call, one JSON row appended to ``--results``. The held-out windows are never read: choices made from these
+rows (docs/pipeline.md, "Choosing the pipeline on the tuning slice") cannot have been tuned on them.
+
+    flock /tmp/jacquant-cpu.lock python benchmarks/pipeline_screen.py --method ste --esteps 60 --elr 1e-3
+    flock /tmp/jacquant-cpu.lock python benchmarks/pipeline_screen.py --bsteps 20 --blr 1e-3 --binputs fp
+
+Scored: perplexity on 32 windows of 256 tokens of the tuning slice after each phase, wall seconds per phase.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import torch
+
+from jacquant.app import data, lm_track
+from jacquant.app.blockwise import BlockwiseConfig, train_blocks
+from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, train_only_scales
+from jacquant.app.qat import RECIPES, train
+from jacquant.config import QuantConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="ste", choices=sorted(RECIPES))
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--start", default="gptq", choices=("rtn", "gptq"))
+    ap.add_argument("--calib", type=int, default=64, help="calibration windows")
+    ap.add_argument("--calib-seq", type=int, default=256)
+    ap.add_argument("--bsteps", type=int, default=0, help="block-wise steps per block (0: no block-wise phase)")
+    ap.add_argument("--blr", type=float, default=1e-4)
+    ap.add_argument("--bbatch", type=int, default=4)
+    ap.add_argument("--binputs", default="quantized", choices=("quantized", "fp"))
+    ap.add_argument("--bloss", default="mse", choices=("mse", "channel"))
+    ap.add_argument("--esteps", type=int, default=0, help="end-to-end steps (0: none)")
+    ap.add_argument("--elr", type=float, default=1e-3)
+    ap.add_argument("--escales", action="store_true", help="end to end: the quantizers' scales only")
+    ap.add_argument("--edata", default="stream", choices=("stream", "calib"))
+    ap.add_argument("--loss", default="kd", choices=("kd", "ce"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--results", default="benchmarks/results/pipeline_screen.jsonl")
+    a = ap.parse_args()
+
+    fp, tok, _ = lm_track.load_fp(log=lambda *x: None)
+    toks = lm_track.tokens(data.load_corpus("auto"), tok)
+    windows = lm_track.eval_windows(toks.tune, 32, 256)
+    recipe = RECIPES[a.method]
+    budget = lm_track.DEFAULT
+    pipe = Pipeline(start=a.start, calib_windows=a.calib, calib_seq=a.calib_seq, e2e_data=a.edata,
+                    e2e_params="scales" if a.escales else "all",
+                    block=BlockwiseConfig(steps=a.bsteps, lr=a.blr, batch=a.bbatch, inputs=a.binputs, loss=a.bloss))
+    res: dict = dict(vars(a))
+    torch.manual_seed(a.seed)
+    calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, a.seed + 1000)
+    t0 = time.perf_counter()
+    model = calibrated_start(fp, QuantConfig(bits=a.bits, group=64, method=recipe.rule), pipe, calib, progress=False)
+    lm_track.freeze_embedding(model)
+    res["t_start"], res["ppl_start"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+    if a.bsteps:
+        t0 = time.perf_counter()
+        train_blocks(model, fp, recipe, calib, pipe.block, seed=a.seed, progress=False)
+        res["t_block"], res["ppl_block"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+    if a.esteps:
+        t0 = time.perf_counter()
+        if a.escales:
+            train_only_scales(model)
+        batches = e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, a.esteps, a.seed + 1)
+        probe = next(e2e_batches(replace(pipe, e2e_data="stream"), toks.train, calib, budget.batch, budget.seq, 1, 10_000))
+        train(model, recipe, batches, lm_track.loss_fn(a.loss, fp), a.esteps, a.elr, seed=a.seed,
+              warmup=max(1, a.esteps // 20), calib_batch=probe, desc=f"{a.method} end to end")
+        res["t_e2e"], res["ppl_e2e"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+    print(json.dumps(res))
+    with open(a.results, "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
