@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--loss", default="kd", choices=("kd", "ce"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--start-cache", default="", help="folder: the start's weights are saved there on first use and "
+                    "loaded after (keyed by start, bits, calibration windows and seed; saves GPTQ's 90 s per row)")
     ap.add_argument("--results", default="benchmarks/results/pipeline_screen.jsonl")
     a = ap.parse_args()
 
@@ -57,7 +60,16 @@ def main() -> None:
     torch.manual_seed(a.seed)
     calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, a.seed + 1000)
     t0 = time.perf_counter()
-    model = calibrated_start(fp, QuantConfig(bits=a.bits, group=64, method=recipe.rule), pipe, calib, progress=False)
+    config = QuantConfig(bits=a.bits, group=64, method=recipe.rule)
+    cached = os.path.join(a.start_cache, f"{a.start}-w{a.bits}-c{a.calib}x{a.calib_seq}-s{a.seed}.pt") if a.start_cache else ""
+    if cached and os.path.exists(cached):
+        model = calibrated_start(fp, config, replace(pipe, start="rtn"), calib, progress=False)
+        model.load_state_dict(torch.load(cached, weights_only=True))
+    else:
+        model = calibrated_start(fp, config, pipe, calib, progress=False)
+        if cached:
+            os.makedirs(a.start_cache, exist_ok=True)
+            torch.save(model.state_dict(), cached)
     lm_track.freeze_embedding(model)
     res["t_start"], res["ppl_start"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
     if a.bsteps:
@@ -73,9 +85,21 @@ def main() -> None:
         train(model, recipe, batches, lm_track.loss_fn(a.loss, fp), a.esteps, a.elr, seed=a.seed,
               warmup=max(1, a.esteps // 20), calib_batch=probe, desc=f"{a.method} end to end")
         res["t_e2e"], res["ppl_e2e"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+        res["schedule"] = _schedule(getattr(model, "jacquant_elementwise_history", []))
     print(json.dumps(res))
     with open(a.results, "a") as f:
         f.write(json.dumps(res) + "\n")
+
+
+def _schedule(history: list[dict]) -> list[dict]:
+    """Per refit of a fitted shape: the step, and over the sites the mean, 10th and 90th percentile of the fitted
+    amplitude A and the mean contrast B(0)/B(½) (the learned schedule of issue 21)."""
+    out = []
+    for h in history:
+        amp = torch.tensor(list(h["amplitude"].values()))
+        out.append({"t": h["t"], "A_mean": float(amp.mean()), "A_q10": float(amp.quantile(0.1)),
+                    "A_q90": float(amp.quantile(0.9)), "contrast": sum(h["contrast"].values()) / len(h["contrast"])})
+    return out
 
 
 if __name__ == "__main__":
