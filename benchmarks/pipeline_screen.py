@@ -18,9 +18,9 @@ from dataclasses import replace
 import torch
 
 from jacquant.app import data, lm_track
-from jacquant.app.blockwise import BlockwiseConfig, train_blocks
-from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, train_only_scales
-from jacquant.app.qat import RECIPES, train
+from jacquant.app.blockwise import BlockwiseConfig
+from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, run_phases
+from jacquant.app.qat import RECIPES
 from jacquant.config import QuantConfig
 
 
@@ -72,19 +72,18 @@ def main() -> None:
             torch.save(model.state_dict(), cached)
     lm_track.freeze_embedding(model)
     res["t_start"], res["ppl_start"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
-    if a.bsteps:
-        t0 = time.perf_counter()
-        train_blocks(model, fp, recipe, calib, pipe.block, seed=a.seed, progress=False)
+    t0 = time.perf_counter()
+    torch.manual_seed(a.seed)
+
+    def after_block() -> None:
         res["t_block"], res["ppl_block"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+
+    run_phases(model, fp, recipe, pipe, lm_track.loss_fn(a.loss, fp), toks.train, calib, batch=budget.batch,
+               seq=budget.seq, steps=a.esteps, lr=a.elr, seed=a.seed, batch_seed=a.seed + 1, probe_seed=10_000,
+               after_block=after_block, progress=False, desc=f"{a.method} end to end")
     if a.esteps:
-        t0 = time.perf_counter()
-        if a.escales:
-            train_only_scales(model)
-        batches = e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, a.esteps, a.seed + 1)
-        probe = next(e2e_batches(replace(pipe, e2e_data="stream"), toks.train, calib, budget.batch, budget.seq, 1, 10_000))
-        train(model, recipe, batches, lm_track.loss_fn(a.loss, fp), a.esteps, a.elr, seed=a.seed,
-              warmup=max(1, a.esteps // 20), calib_batch=probe, desc=f"{a.method} end to end")
-        res["t_e2e"], res["ppl_e2e"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+        res["t_e2e"] = time.perf_counter() - t0 - res.get("t_block", 0.0)
+        res["ppl_e2e"] = lm_track.perplexity(model, windows)
         res["schedule"] = _schedule(getattr(model, "jacquant_elementwise_history", []))
     print(json.dumps(res))
     with open(a.results, "a") as f:

@@ -34,9 +34,8 @@ from dataclasses import replace
 import torch
 
 from jacquant.app import data, lm_track
-from jacquant.app.blockwise import train_blocks
-from jacquant.app.pipeline import calibrated_start, calibration_windows, e2e_batches, train_only_scales, with_rule
-from jacquant.app.qat import RECIPES, train
+from jacquant.app.pipeline import calibrated_start, calibration_windows, run_phases, with_rule
+from jacquant.app.qat import RECIPES
 from jacquant.config import QuantConfig
 from jacquant.site import sites
 
@@ -123,14 +122,9 @@ def main() -> None:
             t0 = time.perf_counter()
             torch.manual_seed(a.seed)
             model = with_rule(start, recipe.rule)
-            if pipe.block.steps:
-                train_blocks(model, fp, recipe, calib, pipe.block, seed=a.seed, progress=False)
-            if pipe.e2e_params == "scales":
-                train_only_scales(model)
-            batches = e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, budget.steps, a.seed + 1)
-            probe = next(e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, 1, 10_000))
-            train(model, recipe, batches, lm_track.loss_fn(loss, fp), budget.steps, budget.lr, seed=a.seed,
-                  warmup=max(1, budget.steps // 20), calib_batch=probe, desc=f"W{bits} {method} {loss}")
+            run_phases(model, fp, recipe, pipe, lm_track.loss_fn(loss, fp), toks.train, calib, batch=budget.batch,
+                       seq=budget.seq, steps=budget.steps, lr=budget.lr, seed=a.seed, batch_seed=a.seed + 1,
+                       probe_seed=10_000, progress=False, desc=f"W{bits} {method} {loss}")
             seconds = time.perf_counter() - t0 + start_s
             emit({"system": f"jacquant pipeline {method}" + (" (CE)" if loss == "ce" else ""), "bits": bits,
                   **scored(model), "bpw": jacquant_bpw(model), "calib_tokens": calib_tokens,

@@ -50,8 +50,18 @@ def cosine_basis(r: Tensor, n: int) -> Tensor:
 
 
 def shape_factor(r: Tensor, coeffs: Tensor) -> Tensor:
-    """B(r) = 1 + Σ_k a_k cos(2πk r); ``coeffs`` [n] (one shape) or [..., n] broadcasting against r's shape."""
-    return 1.0 + (cosine_basis(r, coeffs.shape[-1]) * coeffs.to(torch.float32).to(r.device)).sum(-1)
+    """B(r) = 1 + Σ_k a_k cos(2πk r); ``coeffs`` [n] (one shape) or [..., n] broadcasting against r's shape.
+
+    Evaluated with one cosine per element: cos(2πk r) = T_k(c), c = cos 2πr, by Chebyshev's recurrence
+    T_{k+1} = 2c·T_k − T_{k−1} (n elementwise multiply-adds, no [*r.shape, n] tensor: the step-time cost)."""
+    a = coeffs.to(torch.float32).to(r.device)
+    c = torch.cos((2 * math.pi) * r.to(torch.float32))
+    out = torch.addcmul(torch.ones_like(c), c, a[..., 0])
+    t_prev, t = torch.ones_like(c), c
+    for k in range(1, a.shape[-1]):
+        t_prev, t = t, torch.addcmul(-t_prev, c, t, value=2.0)
+        out.addcmul_(t, a[..., k])
+    return out
 
 
 def fourier_factor(r: Tensor, amplitude) -> Tensor:

@@ -37,6 +37,19 @@ def test_fourier_shape_round_trips_stableqat_amplitude_and_zero_is_ste():
     assert float(err.mean()) < 0.01 and float(err.max()) < 0.07
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 10])
+def test_shape_factor_is_the_cosine_sum_per_group(n):
+    """The Chebyshev recurrence against the sum of cosines written out, for one shape and for one shape per group."""
+    g = torch.Generator().manual_seed(n)
+    r = torch.rand(5, 3, 64, generator=g) - 0.5
+    a = torch.randn(5, 3, n, generator=g) * 0.3
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    want = 1 + (a.double().unsqueeze(-2) * torch.cos(2 * math.pi * k * r.double().unsqueeze(-1))).sum(-1)
+    torch.testing.assert_close(shape.shape_factor(r, a.unsqueeze(-2)).double(), want, rtol=0, atol=1e-5)
+    want1 = 1 + (a[0, 0].double() * torch.cos(2 * math.pi * k * r.double().unsqueeze(-1))).sum(-1)
+    torch.testing.assert_close(shape.shape_factor(r, a[0, 0]).double(), want1, rtol=0, atol=1e-5)
+
+
 def test_positive_shrinks_only_shapes_that_dip_below_the_floor():
     sharp = shape.dither_shape(torch.tensor(0.04), 3)
     assert float(shape.shape_factor(R, sharp).min()) < 0

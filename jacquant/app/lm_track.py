@@ -38,9 +38,9 @@ from torch import Tensor
 
 from . import data
 from ..config import QuantConfig
-from .blockwise import BlockwiseConfig, train_blocks
-from .pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, train_only_scales, with_rule
-from .qat import Recipe, train
+from .blockwise import BlockwiseConfig
+from .pipeline import Pipeline, calibrated_start, calibration_windows, run_phases, with_rule
+from .qat import Recipe
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
            "A dictionary in Python maps")
@@ -253,7 +253,6 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
         needs_calib = pipe.calib_tokens or any(r.name == "gptq" for r in methods)
         calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, seed + 1000).to(device) \
             if needs_calib else None
-        probe = next(e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, 1, 10_000, device))  # estimators'
         starts: dict[str, tuple[nn.Module, float]] = {}
 
         def start(kind: str) -> tuple[nn.Module, float]:
@@ -277,15 +276,12 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
             logp, train_s = None, 0.0
             if recipe.train:
                 torch.manual_seed(seed)
-                if pipe.block.steps:
-                    block_curves = train_blocks(model, fp_model, recipe, calib, pipe.block, seed=seed)["curves"]
-                if pipe.e2e_params == "scales":
-                    train_only_scales(model)
                 logp = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
-                batches = e2e_batches(pipe, toks.train, calib, budget.batch, budget.seq, budget.steps, seed + 1, device)
-                curve = train(model, recipe, batches, objective, budget.steps, budget.lr, seed=seed,
-                              warmup=max(1, budget.steps // 20), calib_batch=probe, log_path=logp,
-                              log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
+                done = run_phases(model, fp_model, recipe, pipe, objective, toks.train, calib, batch=budget.batch,
+                                  seq=budget.seq, steps=budget.steps, lr=budget.lr, seed=seed, batch_seed=seed + 1,
+                                  probe_seed=10_000, device=device, log_path=logp,
+                                  log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
+                curve, block_curves = done.curve, done.block_curves
                 train_s = time.perf_counter() - t0
             seconds = time.perf_counter() - t0 + start_s  # the shared start counts for every method that uses it
             row = _row(recipe.name, seed, scored(model), seconds, curve, logp)

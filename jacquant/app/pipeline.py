@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,8 @@ from ..calibrate import calibrate
 from ..config import QuantConfig
 from ..site import sites
 from . import data
-from .blockwise import BlockwiseConfig
+from .blockwise import BlockwiseConfig, train_blocks
+from .qat import Recipe, train
 
 STARTS = ("rtn", "gptq")
 E2E_PARAMS = ("all", "scales")
@@ -137,3 +138,49 @@ def train_only_scales(model: nn.Module) -> int:
         p.requires_grad_(keep and p.requires_grad)
         n += keep
     return n
+
+
+@dataclass
+class Phases:
+    """What :func:`run_phases` returns: the end-to-end loss curve and, per block, the block-wise loss curve."""
+
+    curve: list
+    block_curves: list
+
+
+def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, pipeline: Pipeline, objective: Callable,
+               stream: Tensor, calib: Optional[Tensor], *, batch: int, seq: int, steps: int, lr: float, seed: int,
+               batch_seed: int, probe_seed: int, device="cpu", block_dir: Optional[str] = None,
+               skip_block: bool = False, after_block: Optional[Callable[[], None]] = None, progress: bool = True,
+               **train_kwargs) -> Phases:
+    """The trained phases of the pipeline on ``model`` (a transformed start with ``recipe``'s rule), in place:
+
+        block-wise   :func:`jacquant.app.blockwise.train_blocks` on ``calib`` (when ``pipeline.block.steps``, and
+                     not ``skip_block``: a resumed run whose end-to-end checkpoint already holds it); resumable
+                     in ``block_dir``; then ``after_block()`` if given
+        scales only  every parameter but the quantizers' scales frozen (``pipeline.e2e_params == "scales"``)
+        end to end   :func:`jacquant.app.qat.train` on ``steps`` batches [batch, seq + 1] of :func:`e2e_batches`
+                     (seeded ``batch_seed``) with ``objective``, peak ``lr``, warm-up steps/20; the estimators'
+                     probe batch is one more batch of the training stream (seeded ``probe_seed``, from the same data)
+
+    ``fp`` (the full-precision model) is needed by the block-wise phase only. ``train_kwargs`` go to
+    :func:`jacquant.app.qat.train` (log_path, checkpoint, desc, ...).
+    """
+    block_curves: list = []
+    if pipeline.block.steps and not skip_block:
+        if fp is None:
+            raise ValueError("the block-wise phase trains each block against the fp model's: pass fp")
+        block_curves = train_blocks(model, fp, recipe, calib, pipeline.block, seed=seed, checkpoint_dir=block_dir,
+                                    progress=progress)["curves"]
+        if after_block is not None:
+            after_block()
+    del fp  # end to end, only ``objective`` may need it (KD)
+    if pipeline.e2e_params == "scales":
+        train_only_scales(model)
+    if steps == 0:
+        return Phases([], block_curves)
+    probe = next(e2e_batches(pipeline, stream, calib, batch, seq, 1, probe_seed, device))
+    batches = e2e_batches(pipeline, stream, calib, batch, seq, steps, batch_seed, device)
+    curve = train(model, recipe, batches, objective, steps, lr, seed=seed, warmup=max(1, steps // 20),
+                  calib_batch=probe, **train_kwargs)
+    return Phases(curve, block_curves)

@@ -30,9 +30,8 @@ from . import gguf, lm_track
 from ..config import QuantConfig
 from ..convert import convert, load_converted, save_converted
 from ..plot import plot
-from .blockwise import train_blocks
-from .pipeline import Pipeline, calibrated_start, calibration_windows, e2e_batches, gptq_start, train_only_scales
-from .qat import RECIPES, train
+from .pipeline import Pipeline, calibrated_start, calibration_windows, gptq_start, run_phases
+from .qat import RECIPES
 
 VALID_FRACTION = 0.1
 
@@ -170,19 +169,17 @@ def train_model(a: TrainArgs, log=print) -> dict:
     start_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows) if pipe.start == "gptq" and not resuming else None
     if pipe.block.steps and not resuming:
         os.makedirs(block_dir, exist_ok=True)
-        train_blocks(model, fp, recipe, calib, pipe.block, seed=a.seed, checkpoint_dir=block_dir)
-    if pipe.e2e_params == "scales":
-        train_only_scales(model)
     objective = lm_track.loss_fn(a.loss, fp)
+    teacher = fp if pipe.block.steps and not resuming else None  # the block-wise phase's targets
     if a.loss == "ce":
-        del fp
+        del fp  # CE needs no fp model end to end (the block-wise phase holds it through ``teacher`` while it runs)
     stats_path = os.path.join(a.out, "stats.jsonl")
-    probe = next(e2e_batches(pipe, train_ids, calib, a.batch, a.seq, 1, a.seed + 10_000, a.device))
-    batches = e2e_batches(pipe, train_ids, calib, a.batch, a.seq, steps, a.seed, a.device)
-    curve = train(model, recipe, batches, objective, steps, a.lr,
-                  seed=a.seed, warmup=max(1, steps // 20), calib_batch=probe, log_path=stats_path,
-                  log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}",
-                  checkpoint=ckpt if a.checkpoint_every > 0 else None, checkpoint_every=a.checkpoint_every)
+    curve = run_phases(model, teacher, recipe, pipe, objective, train_ids, calib, batch=a.batch, seq=a.seq, steps=steps,
+                       lr=a.lr, seed=a.seed, batch_seed=a.seed, probe_seed=a.seed + 10_000, device=a.device,
+                       block_dir=block_dir, skip_block=resuming, log_path=stats_path,
+                       log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}",
+                       checkpoint=ckpt if a.checkpoint_every > 0 else None,
+                       checkpoint_every=a.checkpoint_every).curve
     seconds = time.perf_counter() - t0
     qat_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
     plot(stats_path, os.path.join(a.out, "stats.png"))
