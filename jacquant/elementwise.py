@@ -47,6 +47,7 @@ RULES = ("none", "ewgs", "gauss", "fourier", "shape")
 FITS = ("fixed", "dither", "probe")
 PER = ("layer", "group")
 PLACEMENTS = ("grad", "update")
+SCHEDULES = ("constant", "decay", "grow")
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -91,6 +92,14 @@ def ewgs_delta(trace_per_weight: float, grad_v: Tensor, delta_max: float = 1.5) 
     if not (sd > 0 and math.isfinite(trace_per_weight)):
         return 0.0
     return float(min(max(trace_per_weight / (3.0 * sd), 0.0), delta_max))
+
+
+def scheduled_amplitude(amplitude: float, schedule: str, t: int, steps: Optional[int]) -> float:
+    """A_t for a hand schedule over T = ``steps``: A ("constant"), A·(1 − t/T) ("decay"), A·t/T ("grow")."""
+    if schedule == "constant":
+        return amplitude
+    frac = min(max(t / steps, 0.0), 1.0)
+    return amplitude * (1.0 - frac if schedule == "decay" else frac)
 
 
 def cage_term(r: Tensor, grad: Tensor, lam: float) -> Tensor:
@@ -200,6 +209,8 @@ class ElementwiseConfig:
         shape_probes, probe_delta, probe_ridge: Probe's probes per refresh, their size δ (scale units), the ridge
             toward StableQAT's shape.
         sigma_min: the smallest dither width (bin units) "dither" uses.
+        schedule: for "fourier" with ``fit="fixed"``, the amplitude over the T training steps: "constant" A,
+            "decay" A·(1 − t/T) (StableQAT's shape early, STE at the end), "grow" A·t/T (STE early).
     """
 
     rule: str = "ewgs"
@@ -220,6 +231,7 @@ class ElementwiseConfig:
     probe_delta: float = 0.5
     probe_ridge: float = 1.0
     sigma_min: float = 0.05
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -239,6 +251,11 @@ class ElementwiseConfig:
         if self.fit == "probe" and self.per == "group":
             raise ValueError("ElementwiseConfig: fit='probe' regresses one shape per layer (per='layer'); a shape per "
                              "group would need more probes than any budget allows")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"ElementwiseConfig.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.schedule != "constant" and (self.rule != "fourier" or self.fit != "fixed"):
+            raise ValueError("ElementwiseConfig.schedule sets a hand schedule of the amplitude: rule 'fourier' with "
+                             "fit 'fixed' only (a fitted amplitude follows the data)")
         if self.n_basis < 1 or self.shape_probes < 1:
             raise ValueError("ElementwiseConfig.n_basis and shape_probes must be >= 1")
 
@@ -255,7 +272,7 @@ class ElementwiseHooks:
     """Handle of :func:`attach`: ``deltas`` (the current δ per site), ``remove()``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, config: ElementwiseConfig,
-                 loss_fn: Optional[Callable[[], Tensor]], seed: int):
+                 loss_fn: Optional[Callable[[], Tensor]], seed: int, steps: Optional[int] = None):
         found = list(sites(model))
         if not found:
             raise ValueError(f"{type(model).__name__} has no quantized site; call jacquant.transform(model, ...) first")
@@ -267,6 +284,9 @@ class ElementwiseHooks:
         if scaled_min:
             raise ValueError(f"per-element rules act on the integer-zero-point grid: sites {scaled_min[:3]} use a GGUF "
                              "scale-and-min format (q4_1, q2_k); use a recipe without an elementwise rule for them")
+        if config.schedule != "constant" and not (steps and steps > 0):
+            raise ValueError(f"ElementwiseConfig.schedule={config.schedule!r} runs over the training steps: pass steps")
+        self.steps = steps
         if config.needs_loss and loss_fn is None:
             raise ValueError("ElementwiseConfig with delta=None fits δ on a calibration loss: pass loss_fn")
         self.sites, self.config, self.loss_fn = found, config, loss_fn
@@ -362,7 +382,8 @@ class ElementwiseHooks:
             group = st.quantizer.group
             rg = r.reshape(r.shape[0], -1, group)  # [N, K/G, G]
             if c.rule == "fourier":
-                amp = self.amplitudes[st.name] if c.fitted else c.amplitude
+                amp = self.amplitudes[st.name] if c.fitted else \
+                    scheduled_amplitude(c.amplitude, c.schedule, self.t, self.steps)
                 amp = amp.unsqueeze(-1).to(r.device) if isinstance(amp, Tensor) and amp.ndim else amp
                 return fourier_factor(rg, amp).reshape(r.shape)
             a = self.shapes[st.name]
@@ -430,12 +451,13 @@ def _gauss_periodic(r: Tensor, sigma: float) -> Tensor:
 
 
 def attach(optimizer: torch.optim.Optimizer, model: nn.Module, config: ElementwiseConfig,
-           loss_fn: Optional[Callable[[], Tensor]] = None, seed: int = 0) -> ElementwiseHooks:
+           loss_fn: Optional[Callable[[], Tensor]] = None, seed: int = 0, steps: Optional[int] = None) -> ElementwiseHooks:
     """Hook ``optimizer`` so that ``config``'s per-element rule acts on every quantized weight of ``model``.
 
     The sites must use rule "ste" (w.grad = m ⊙ dL/dq). Each ``optimizer.step()`` then: refreshes δ when
     due (EWGS with ``delta=None``; calls ``loss_fn`` twice per probe), and either (code phase) replaces the
     scales' gradients by :func:`exact_scale_grad`, skips the latent weights and rescales them to hold
     their codes, or applies the rule to w.grad (``placement="grad"``, plus CAGE's term) or to the update.
+    ``steps``: the run's length, for an amplitude ``schedule``.
     """
-    return ElementwiseHooks(optimizer, model, config, loss_fn, seed)
+    return ElementwiseHooks(optimizer, model, config, loss_fn, seed, steps)

@@ -107,6 +107,31 @@ def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel
     torch.testing.assert_close(hooks.shapes[st.name], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("schedule", ["decay", "grow"])
+def test_amplitude_schedule_scales_stableqat_factor_by_the_step(schedule):
+    """Step t of T: the gradient is multiplied by f_{A_t}(r), A_t = A(1 − t/T) or A·t/T, written out here."""
+    torch.manual_seed(0)
+    model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="ste")
+    st = next(iter(sites(model)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    attach(opt, model, ElementwiseConfig(rule="fourier", schedule=schedule), steps=4)
+    x = torch.randn(8, 64)
+    for t in range(4):
+        model(x).square().sum().backward()
+        q = st.quantizer
+        g0 = st.weight.grad.clone()
+        r = bin_offset(st.weight, q.scale, q.zero_point, q.group)
+        opt.step()
+        a_t = 0.21 * (1 - t / 4) if schedule == "decay" else 0.21 * t / 4
+        c = math.sqrt(2) * math.pi * a_t * torch.cos(math.pi * r)
+        torch.testing.assert_close(st.weight.grad, g0 * (1 - c) / (1 + c))
+        opt.zero_grad()
+    with pytest.raises(ValueError, match="pass steps"):
+        attach(torch.optim.SGD(model.parameters(), lr=0.0), model, ElementwiseConfig(rule="fourier", schedule=schedule))
+    with pytest.raises(ValueError, match="fit 'fixed' only"):
+        ElementwiseConfig(rule="fourier", fit="dither", schedule=schedule)
+
+
 def test_bad_shape_settings_are_clear_errors():
     with pytest.raises(ValueError, match="fit='probe' regresses one shape per layer"):
         ElementwiseConfig(rule="shape", fit="probe", per="group")

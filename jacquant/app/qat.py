@@ -111,6 +111,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-amp-group", elementwise=ElementwiseConfig(rule="fourier", fit="dither", per="group", refresh_every=10)),
     Recipe("jq-shape-probe", elementwise=ElementwiseConfig(rule="shape", fit="probe", refresh_every=10)),
     Recipe("jq-amp-probe", elementwise=ElementwiseConfig(rule="fourier", fit="probe", refresh_every=10)),
+    # the amplitude schedule over training (hand-set, StableQAT's A = 0.21 at its strongest)
+    Recipe("ste-fourier-decay", elementwise=ElementwiseConfig(rule="fourier", schedule="decay")),
+    Recipe("ste-fourier-grow", elementwise=ElementwiseConfig(rule="fourier", schedule="grow")),
     Recipe("jq-cage", elementwise=ElementwiseConfig(rule="none", cage=0.5)),
     Recipe("jq-codes", elementwise=ElementwiseConfig(rule="none", code_period=4, code_steps=1)),
     Recipe("jq-data-dither", rule="jacquant", estimator="data_dither", width=0.5),
@@ -203,7 +206,7 @@ def train(
         probe_loss = lambda: loss_fn(model, calib_batch)  # noqa: E731
     hooks = None
     if recipe.train and recipe.elementwise is not None:
-        hooks = attach_elementwise(opt, model, recipe.elementwise, probe_loss, seed)
+        hooks = attach_elementwise(opt, model, recipe.elementwise, probe_loss, seed, steps)
         model.jacquant_elementwise_history = hooks.history  # fitted shapes over the run (issue 21's schedule)
     curve: list[float] = []
     start = 0
