@@ -5,7 +5,8 @@ rows (docs/pipeline.md, "Choosing the pipeline on the tuning slice") cannot have
     flock /tmp/jacquant-cpu.lock python benchmarks/pipeline_screen.py --method ste --esteps 60 --elr 1e-3
     flock /tmp/jacquant-cpu.lock python benchmarks/pipeline_screen.py --bsteps 20 --blr 1e-3 --binputs fp
 
-Scored: perplexity on 32 windows of 256 tokens of the tuning slice after each phase, wall seconds per phase.
+Scored: perplexity on 32 windows of 256 tokens of the tuning slice after each phase, wall seconds per phase, the
+fraction of integer codes moved from the start's, and for a fitted shape its schedule (amplitude, contrast per refit).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from jacquant.app.blockwise import BlockwiseConfig
 from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, run_phases
 from jacquant.app.qat import RECIPES
 from jacquant.config import QuantConfig
+from jacquant.site import sites
 
 
 def main() -> None:
@@ -72,11 +74,19 @@ def main() -> None:
             torch.save(model.state_dict(), cached)
     lm_track.freeze_embedding(model)
     res["t_start"], res["ppl_start"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+    codes0 = [s.quantizer.codes(s.weight) for s in sites(model)]
+
+    def moved() -> float:
+        """The fraction of integer codes that differ from the start's (how far training travelled)."""
+        changed = sum(int((s.quantizer.codes(s.weight) != c0).sum()) for s, c0 in zip(sites(model), codes0))
+        return changed / sum(c0.numel() for c0 in codes0)
+
     t0 = time.perf_counter()
     torch.manual_seed(a.seed)
 
     def after_block() -> None:
         res["t_block"], res["ppl_block"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
+        res["moved_block"] = moved()
 
     run_phases(model, fp, recipe, pipe, lm_track.loss_fn(a.loss, fp), toks.train, calib, batch=budget.batch,
                seq=budget.seq, steps=a.esteps, lr=a.elr, seed=a.seed, batch_seed=a.seed + 1, probe_seed=10_000,
@@ -84,6 +94,7 @@ def main() -> None:
     if a.esteps:
         res["t_e2e"] = time.perf_counter() - t0 - res.get("t_block", 0.0)
         res["ppl_e2e"] = lm_track.perplexity(model, windows)
+        res["moved_e2e"] = moved()
         res["schedule"] = _schedule(getattr(model, "jacquant_elementwise_history", []))
     print(json.dumps(res))
     with open(a.results, "a") as f:
