@@ -4,6 +4,7 @@ rows (docs/pipeline.md, "Choosing the pipeline on the tuning slice") cannot have
 
     flock /tmp/jacquant-cpu.lock python benchmarks/pipeline_screen.py --method ste --esteps 60 --elr 1e-3
     flock /tmp/jacquant-cpu.lock python benchmarks/pipeline_screen.py --bsteps 20 --blr 1e-3 --binputs fp
+    python benchmarks/pipeline_screen.py --table i21-block
 
 Scored: perplexity on 32 windows of 256 tokens of the tuning slice after each phase, wall seconds per phase, the
 fraction of integer codes moved from the start's, and for a fitted shape its schedule (amplitude, contrast per refit).
@@ -48,7 +49,12 @@ def main() -> None:
     ap.add_argument("--start-cache", default="", help="folder: the start's weights are saved there on first use and "
                     "loaded after (keyed by start, bits, calibration windows and seed; saves GPTQ's 90 s per row)")
     ap.add_argument("--results", default="benchmarks/results/pipeline_screen.jsonl")
+    ap.add_argument("--table", metavar="TAG", help="print the table of the rows tagged TAG (method × seed, paired "
+                    "differences against ste and stableqat) and exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(a.results, a.table))
+        return
 
     fp, tok, _ = lm_track.load_fp(log=lambda *x: None)
     toks = lm_track.tokens(data.load_corpus("auto"), tok)
@@ -99,6 +105,41 @@ def main() -> None:
     print(json.dumps(res))
     with open(a.results, "a") as f:
         f.write(json.dumps(res) + "\n")
+
+
+def table(path: str, tag: str) -> str:
+    """Markdown: per method, the tuning-slice perplexity after the last phase for each seed, mean ± std, the paired
+    differences against ste and stableqat (seeds both have), the codes moved and the wall seconds (seed 0)."""
+    rows: dict[str, dict[int, dict]] = {}
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("tag") == tag:
+            rows.setdefault(r["method"], {})[r["seed"]] = r  # a rerun replaces the earlier row
+
+    def ppl(r: dict) -> float:
+        return r.get("ppl_e2e", r.get("ppl_block"))
+
+    seeds = sorted({sd for by in rows.values() for sd in by})
+    out = ["| method | " + " | ".join(f"seed {sd}" for sd in seeds) + " | mean ± std | Δ vs ste | Δ vs stableqat "
+           "| codes moved | s (seed 0) |", "|---" * (len(seeds) + 6) + "|"]
+
+    def stats(values: list[float]) -> str:
+        if not values:
+            return ""
+        t = torch.tensor(values, dtype=torch.float64)
+        return f"{float(t.mean()):+.2f}" if len(values) == 1 else f"{float(t.mean()):+.2f} ± {float(t.std()):.2f}"
+
+    for m, by in rows.items():
+        vals = [ppl(by[sd]) for sd in seeds if sd in by]
+        mean = stats(vals).lstrip("+") if len(vals) > 1 else f"{vals[0]:.2f}"
+        deltas = [stats([ppl(by[sd]) - ppl(rows[ref][sd]) for sd in seeds if sd in by and sd in rows.get(ref, {})])
+                  if m != ref else "" for ref in ("ste", "stableqat")]
+        r0 = by.get(0, next(iter(by.values())))
+        mv = r0.get("moved_e2e", r0.get("moved_block"))
+        secs = r0.get("t_e2e", 0.0) + r0.get("t_block", 0.0)
+        out.append(f"| {m} | " + " | ".join(f"{ppl(by[sd]):.2f}" if sd in by else "" for sd in seeds)
+                   + f" | {mean} | {deltas[0]} | {deltas[1]} | {'' if mv is None else f'{mv:.4f}'} | {secs:.0f} |")
+    return "\n".join(out)
 
 
 def _schedule(history: list[dict]) -> list[dict]:
