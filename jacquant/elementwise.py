@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .quantizer import SCALE_FLOOR, grouped, qmax, scaled
 from .shape import (amplitude_for_shape, amplitude_for_sigma, dither_shape, fourier_factor, fourier_shape, positive, probe_shape,
-                    shape_factor, travel)
+                    scheduled_amplitude, shape_factor, travel)
 from .site import Site, sites
 
 RULES = ("none", "ewgs", "gauss", "fourier", "shape")
@@ -92,14 +92,6 @@ def ewgs_delta(trace_per_weight: float, grad_v: Tensor, delta_max: float = 1.5) 
     if not (sd > 0 and math.isfinite(trace_per_weight)):
         return 0.0
     return float(min(max(trace_per_weight / (3.0 * sd), 0.0), delta_max))
-
-
-def scheduled_amplitude(amplitude: float, schedule: str, t: int, steps: Optional[int]) -> float:
-    """A_t for a hand schedule over T = ``steps``: A ("constant"), A·(1 − t/T) ("decay"), A·t/T ("grow")."""
-    if schedule == "constant":
-        return amplitude
-    frac = min(max(t / steps, 0.0), 1.0)
-    return amplitude * (1.0 - frac if schedule == "decay" else frac)
 
 
 def cage_term(r: Tensor, grad: Tensor, lam: float) -> Tensor:

@@ -70,6 +70,14 @@ def fourier_factor(r: Tensor, amplitude) -> Tensor:
     return (1 - c) / (1 + c)
 
 
+def scheduled_amplitude(amplitude: float, schedule: str, t: int, steps: Optional[int]) -> float:
+    """A_t for a hand schedule over T = ``steps``: A ("constant"), A·(1 − t/T) ("decay"), A·t/T ("grow")."""
+    if schedule == "constant":
+        return amplitude
+    frac = min(max(t / steps, 0.0), 1.0)
+    return amplitude * (1.0 - frac if schedule == "decay" else frac)
+
+
 def project(values: Tensor, n: int) -> Tensor:
     """Coefficients a [n] of the mean-1 cosine series nearest to ``values`` sampled on the bin grid (divided by
     their mean first): a_k = 2·mean_r(f(r)/mean f · cos 2πk r), the orthogonal projection on [−½, ½]."""

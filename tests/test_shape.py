@@ -83,26 +83,37 @@ def test_probe_recovers_the_secant_slope_of_its_probes_on_a_linear_loss():
     torch.testing.assert_close(got, shape.positive(want), rtol=0, atol=0.08)
 
 
-def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel():
+def _hooked_steps(cfg, n, steps=None):
+    """A Linear(64, 32) transformed W2 g32 (rule "ste") with ``cfg``'s hook on SGD(lr = 0), loss Σ y² on one batch.
+
+    Per step t yields (t, site, hooks, g0, r) just after ``opt.step()``: g0 the weight's gradient before the hook,
+    r the bin offsets it saw, ``site.weight.grad`` the hooked gradient. The gradient is zeroed on resuming.
+    """
     torch.manual_seed(0)
     model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="ste")
     st = next(iter(sites(model)))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    cfg = ElementwiseConfig(rule="shape", fit="dither", refresh_every=2, n_basis=3)
-    hooks = attach(opt, model, cfg)
+    hooks = attach(opt, model, cfg, steps=steps)
     x = torch.randn(8, 64)
-    for t in range(3):
+    for t in range(n):
         model(x).square().sum().backward()
         q = st.quantizer
         g0 = st.weight.grad.clone()
         r = bin_offset(st.weight, q.scale, q.zero_point, q.group)
-        opt.step()  # refreshes at t = 0 (StableQAT's shape, no history yet) and t = 2 (σ = the travel since t = 0)
+        opt.step()
+        yield t, st, hooks, g0, r
+        opt.zero_grad()
+
+
+def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel():
+    cfg = ElementwiseConfig(rule="shape", fit="dither", refresh_every=2, n_basis=3)
+    # refreshes at t = 0 (StableQAT's shape, no history yet) and t = 2 (σ = the travel since t = 0)
+    for t, st, hooks, g0, r in _hooked_steps(cfg, 3):
         if t == 0:
             torch.testing.assert_close(st.weight.grad, g0 * shape.shape_factor(r, shape.fourier_shape(0.21, 3)))
         if t == 1:
-            with torch.no_grad():
-                st.weight.add_(0.1 * q.scale.repeat_interleave(32, dim=1))  # travel 0.1 bin before the refresh
-        opt.zero_grad()
+            with torch.no_grad():  # travel 0.1 bin before the refresh
+                st.weight.add_(0.1 * st.quantizer.scale.repeat_interleave(32, dim=1))
     want = shape.positive(shape.dither_shape(torch.tensor(0.1), 3))
     torch.testing.assert_close(hooks.shapes[st.name], want, rtol=1e-4, atol=1e-5)
 
@@ -110,22 +121,11 @@ def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel
 @pytest.mark.parametrize("schedule", ["decay", "grow"])
 def test_amplitude_schedule_scales_stableqat_factor_by_the_step(schedule):
     """Step t of T: the gradient is multiplied by f_{A_t}(r), A_t = A(1 − t/T) or A·t/T, written out here."""
-    torch.manual_seed(0)
-    model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="ste")
-    st = next(iter(sites(model)))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    attach(opt, model, ElementwiseConfig(rule="fourier", schedule=schedule), steps=4)
-    x = torch.randn(8, 64)
-    for t in range(4):
-        model(x).square().sum().backward()
-        q = st.quantizer
-        g0 = st.weight.grad.clone()
-        r = bin_offset(st.weight, q.scale, q.zero_point, q.group)
-        opt.step()
+    for t, st, _, g0, r in _hooked_steps(ElementwiseConfig(rule="fourier", schedule=schedule), 4, steps=4):
         a_t = 0.21 * (1 - t / 4) if schedule == "decay" else 0.21 * t / 4
         c = math.sqrt(2) * math.pi * a_t * torch.cos(math.pi * r)
         torch.testing.assert_close(st.weight.grad, g0 * (1 - c) / (1 + c))
-        opt.zero_grad()
+    model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="ste")
     with pytest.raises(ValueError, match="pass steps"):
         attach(torch.optim.SGD(model.parameters(), lr=0.0), model, ElementwiseConfig(rule="fourier", schedule=schedule))
     with pytest.raises(ValueError, match="fit 'fixed' only"):

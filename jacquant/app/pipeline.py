@@ -174,7 +174,6 @@ def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, pipeli
                                     progress=progress)["curves"]
         if after_block is not None:
             after_block()
-    del fp  # end to end, only ``objective`` may need it (KD)
     if pipeline.e2e_params == "scales":
         train_only_scales(model)
     if steps == 0:
