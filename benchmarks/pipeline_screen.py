@@ -7,7 +7,8 @@ rows (docs/pipeline.md, "Choosing the pipeline on the tuning slice") cannot have
     python benchmarks/pipeline_screen.py --table i21-block
 
 Scored: perplexity on 32 windows of 256 tokens of the tuning slice after each phase, wall seconds per phase, the
-fraction of integer codes moved from the start's, and for a fitted shape its schedule (amplitude, contrast per refit).
+fraction of integer codes moved from the start's, each block's loss over its first and last 5 steps, and for a fitted
+shape its schedule (amplitude, contrast per refit).
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ def main() -> None:
         res["t_block"], res["ppl_block"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
         res["moved_block"] = moved()
 
-    run_phases(model, fp, recipe, pipe, lm_track.loss_fn(a.loss, fp), toks.train, calib, batch=budget.batch,
-               seq=budget.seq, steps=a.esteps, lr=a.elr, seed=a.seed, batch_seed=a.seed + 1, probe_seed=10_000,
-               after_block=after_block, progress=False, desc=f"{a.method} end to end")
+    phases = run_phases(model, fp, recipe, pipe, lm_track.loss_fn(a.loss, fp), toks.train, calib, batch=budget.batch,
+                        seq=budget.seq, steps=a.esteps, lr=a.elr, seed=a.seed, batch_seed=a.seed + 1,
+                        probe_seed=10_000, after_block=after_block, progress=False, desc=f"{a.method} end to end")
+    # per block: its loss over the first and the last 5 of its steps (how much each block's training achieved)
+    res["block_loss"] = [[sum(c[:5]) / len(c[:5]), sum(c[-5:]) / len(c[-5:])] for c in phases.block_curves if c]
     if a.esteps:
         res["t_e2e"] = time.perf_counter() - t0 - res.get("t_block", 0.0)
         res["ppl_e2e"] = lm_track.perplexity(model, windows)
