@@ -378,9 +378,13 @@ class ElementwiseHooks:
                     scheduled_amplitude(c.amplitude, c.schedule, self.t, self.steps)
                 amp = amp.unsqueeze(-1).to(r.device) if isinstance(amp, Tensor) and amp.ndim else amp
                 return fourier_factor(rg, amp).reshape(r.shape)
-            a = self.shapes[st.name]
-            return shape_factor(rg, a.unsqueeze(-2) if a.ndim > 1 else a).reshape(r.shape)
+            return self._shape(st, rg).reshape(r.shape)
         return torch.ones_like(r)
+
+    def _shape(self, st: Site, v: Tensor) -> Tensor:
+        """B of ``st``'s fitted shape at v [N, K/G, G] (r, or any v = r + integer: B is 1-periodic)."""
+        a = self.shapes[st.name]
+        return shape_factor(v, a.unsqueeze(-2) if a.ndim > 1 else a)
 
     @torch.no_grad()
     def _pre(self, opt, args, kwargs) -> None:
@@ -404,6 +408,12 @@ class ElementwiseHooks:
                 self._saved.append(None)
                 continue
             g = q.as_nk(w.grad)
+            if c.rule == "shape" and c.placement == "grad" and not c.cage:
+                # B is 1-periodic: evaluated on v = w/s + z itself, r = v − round v is not needed (the step's cost)
+                v = scaled(q.as_nk(w).detach(), q.scale.detach(), q.zero_point, q.group)
+                g.mul_(self._shape(st, v).reshape(g.shape).to(g.dtype))
+                self._saved.append(None)
+                continue
             r = bin_offset(q.as_nk(w), q.scale, q.zero_point, q.group) if (c.rule != "none" or c.cage) else None
             if c.rule != "none" and c.placement == "grad":
                 g.mul_(self._factor(st, r, g).to(g.dtype))

@@ -52,16 +52,20 @@ def cosine_basis(r: Tensor, n: int) -> Tensor:
 def shape_factor(r: Tensor, coeffs: Tensor) -> Tensor:
     """B(r) = 1 + Σ_k a_k cos(2πk r); ``coeffs`` [n] (one shape) or [..., n] broadcasting against r's shape.
 
-    Evaluated with one cosine per element: cos(2πk r) = T_k(c), c = cos 2πr, by Chebyshev's recurrence
-    T_{k+1} = 2c·T_k − T_{k−1} (n elementwise multiply-adds, no [*r.shape, n] tensor: the step-time cost)."""
-    a = coeffs.to(torch.float32).to(r.device)
-    c = torch.cos((2 * math.pi) * r.to(torch.float32))
-    out = torch.addcmul(torch.ones_like(c), c, a[..., 0])
-    t_prev, t = torch.ones_like(c), c
-    for k in range(1, a.shape[-1]):
-        t_prev, t = t, torch.addcmul(-t_prev, c, t, value=2.0)
-        out.addcmul_(t, a[..., k])
-    return out
+    B is 1-periodic, so r may be any v = r + integer (the scaled weight w/s + z itself: no rounding needed).
+    One cosine per element, c = cos 2πr, then the series in c by Clenshaw's recurrence (cos 2πkr = T_k(c)):
+
+        b_{n+1} = b_{n+2} = 0,   b_k = a_k + 2c·b_{k+1} − b_{k+2}  (k = n..1),   B = 1 + c·b_1 − b_2
+
+    in place on two buffers (no [*r.shape, n] tensor: this runs on every weight at every step)."""
+    a = coeffs.to(device=r.device, dtype=torch.float32)
+    c = r.to(torch.float32).mul(2 * math.pi).cos_()
+    b1 = torch.zeros_like(c).add_(a[..., -1])  # b_n
+    b2 = torch.zeros_like(c)  # b_{n+1}
+    for k in range(a.shape[-1] - 2, -1, -1):  # b_k for k = n−1..1 (a[..., k] is a_{k+1})
+        b2.neg_().addcmul_(c, b1, value=2.0).add_(a[..., k])
+        b1, b2 = b2, b1
+    return b2.neg_().addcmul_(c, b1).add_(1.0)
 
 
 def fourier_factor(r: Tensor, amplitude) -> Tensor:
