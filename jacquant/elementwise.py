@@ -40,7 +40,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .quantizer import SCALE_FLOOR, grouped, qmax, scaled
 from .shape import (amplitude_for_shape, amplitude_for_sigma, dither_shape, fourier_factor, fourier_shape, positive, probe_shape,
-                    scheduled_amplitude, shape_factor, travel)
+                    scale_by_shape_, scheduled_amplitude, shape_factor, travel)
+from .kernels import fused_cpu
 from .site import Site, sites
 
 RULES = ("none", "ewgs", "gauss", "fourier", "shape")
@@ -410,8 +411,10 @@ class ElementwiseHooks:
             g = q.as_nk(w.grad)
             if c.rule == "shape" and c.placement == "grad" and not c.cage:
                 # B is 1-periodic: evaluated on v = w/s + z itself, r = v − round v is not needed (the step's cost)
-                v = scaled(q.as_nk(w).detach(), q.scale.detach(), q.zero_point, q.group)
-                g.mul_(self._shape(st, v).reshape(g.shape).to(g.dtype))
+                w_nk, a = q.as_nk(w).detach(), self.shapes[st.name].to(g.device)
+                fuse = fused_cpu.usable(g, w_nk, q.scale, q.zero_point, a)
+                (fused_cpu.scale_by_shape_ if fuse else scale_by_shape_)(g, w_nk, q.scale.detach(), q.zero_point,
+                                                                         q.group, a)
                 self._saved.append(None)
                 continue
             r = bin_offset(q.as_nk(w), q.scale, q.zero_point, q.group) if (c.rule != "none" or c.cage) else None

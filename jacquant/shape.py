@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .quantizer import SCALE_FLOOR, grouped
+from .quantizer import SCALE_FLOOR, grouped, scaled
 from .site import Site
 
 _GRID = (torch.arange(200, dtype=torch.float32) + 0.5) / 200 - 0.5  # bin midpoints: means are exact for low harmonics
@@ -66,6 +66,15 @@ def shape_factor(r: Tensor, coeffs: Tensor) -> Tensor:
         b2.neg_().addcmul_(c, b1, value=2.0).add_(a[..., k])
         b1, b2 = b2, b1
     return b2.neg_().addcmul_(c, b1).add_(1.0)
+
+
+def scale_by_shape_(grad: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, group: int, coeffs: Tensor) -> Tensor:
+    """grad ← grad · B(v), v = w/s + z, in place; ``grad`` and ``w`` [N, K], ``coeffs`` [n] (one shape for the
+    layer) or [N, K/G, n] (one per group). The shape hook's step: what :mod:`jacquant.kernels.fused_cpu` fuses
+    into one loop over the weight. Returns ``grad``."""
+    v = scaled(w, scale, zero_point, group)  # [N, K/G, G]; B is 1-periodic, so v serves for r
+    b = shape_factor(v, coeffs if coeffs.ndim == 1 else coeffs.unsqueeze(-2))
+    return grad.mul_(b.reshape(grad.shape).to(grad.dtype))
 
 
 def fourier_factor(r: Tensor, amplitude) -> Tensor:

@@ -39,7 +39,7 @@ def test_fourier_shape_round_trips_stableqat_amplitude_and_zero_is_ste():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10])
 def test_shape_factor_is_the_cosine_sum_per_group(n):
-    """The Chebyshev recurrence against the sum of cosines written out, for one shape and for one shape per group."""
+    """Clenshaw's recurrence against the sum of cosines written out, for one shape and for one shape per group."""
     g = torch.Generator().manual_seed(n)
     r = torch.rand(5, 3, 64, generator=g) - 0.5
     a = torch.randn(5, 3, n, generator=g) * 0.3
@@ -48,6 +48,31 @@ def test_shape_factor_is_the_cosine_sum_per_group(n):
     torch.testing.assert_close(shape.shape_factor(r, a.unsqueeze(-2)).double(), want, rtol=0, atol=1e-5)
     want1 = 1 + (a[0, 0].double() * torch.cos(2 * math.pi * k * r.double().unsqueeze(-1))).sum(-1)
     torch.testing.assert_close(shape.shape_factor(r, a[0, 0]).double(), want1, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("per", ["layer", "group"])
+def test_scale_by_shape_multiplies_by_the_series_at_the_bin_offset_eager_and_fused(per):
+    """grad · B(r) with r = v − round v, v = w/s + z, written out in float64, against the in-place step on v itself
+    (B is 1-periodic) and its fused CPU kernel; the gradient a transposed view, as a transposed site's is."""
+    from jacquant.kernels import fused_cpu
+
+    g = torch.Generator().manual_seed(3)
+    n, k_, grp = 24, 128, 32
+    w = torch.randn(n, k_, generator=g) * 0.02
+    s = w.reshape(n, -1, grp).abs().amax(-1) / 1.5
+    z = torch.randint(0, 4, (n, k_ // grp), generator=g).to(torch.uint8)
+    a = torch.randn(3, generator=g) * 0.3 if per == "layer" else torch.randn(n, k_ // grp, 3, generator=g) * 0.3
+    grad = torch.randn(k_, n, generator=g).t()  # [N, K], not contiguous
+    v = w.double().reshape(n, -1, grp) / s.double().unsqueeze(-1) + z.double().unsqueeze(-1)
+    r = (v - v.round()).unsqueeze(-1)
+    ak = a.double() if per == "layer" else a.double().unsqueeze(-2)
+    want = grad.double() * (1 + (ak * torch.cos(2 * math.pi * torch.arange(1, 4) * r)).sum(-1)).reshape(n, k_)
+    eager, fused = grad.clone().t().contiguous().t(), grad.clone().t().contiguous().t()
+    assert shape.scale_by_shape_(eager, w, s, z, grp, a) is eager
+    fused_cpu.scale_by_shape_(fused, w, s, z, grp, a)
+    torch.testing.assert_close(eager.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused.double(), want, rtol=0, atol=1e-5)
+    assert not fused_cpu._state["failed"]
 
 
 def test_positive_shrinks_only_shapes_that_dip_below_the_floor():

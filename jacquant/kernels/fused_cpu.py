@@ -103,3 +103,11 @@ def affine_backward(
     """(dL/dw, dL/ds, dL/dm) of the scale-and-min grid, fused (dL/dw bit for bit, the group sums to a few ulp)."""
     return _run("affine_backward", fake_quant_torch.affine_backward, fake_quant_torch.affine_backward,
                 grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)
+
+
+def scale_by_shape_(grad: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, group: int, coeffs: Tensor) -> Tensor:
+    """grad ← grad · B(w/s + z) in place (:func:`jacquant.shape.scale_by_shape_`), fused: one loop over the weight
+    instead of a dozen passes (the learned-shape hook's cost per step). B's cosine to an ulp of libm's."""
+    from ..shape import scale_by_shape_ as reference  # here, not at the top: jacquant.shape imports the site layer
+
+    return _run("scale_by_shape", reference, reference, grad, w, scale, zero_point, group, coeffs)
