@@ -60,8 +60,9 @@ def shape_factor(r: Tensor, coeffs: Tensor) -> Tensor:
     in place on two buffers (no [*r.shape, n] tensor: this runs on every weight at every step)."""
     a = coeffs.to(device=r.device, dtype=torch.float32)
     c = r.to(torch.float32).mul(2 * math.pi).cos_()
-    b1 = torch.zeros_like(c).add_(a[..., -1])  # b_n
-    b2 = torch.zeros_like(c)  # b_{n+1}
+    out_shape = torch.broadcast_shapes(c.shape, a.shape[:-1])  # a shape per group may outnumber r (B at 2 points)
+    b1 = a[..., -1].expand(out_shape).clone()  # b_n
+    b2 = torch.zeros(out_shape, device=c.device)  # b_{n+1}
     for k in range(a.shape[-1] - 2, -1, -1):  # b_k for k = n−1..1 (a[..., k] is a_{k+1})
         b2.neg_().addcmul_(c, b1, value=2.0).add_(a[..., k])
         b1, b2 = b2, b1

@@ -48,6 +48,10 @@ def test_shape_factor_is_the_cosine_sum_per_group(n):
     torch.testing.assert_close(shape.shape_factor(r, a.unsqueeze(-2)).double(), want, rtol=0, atol=1e-5)
     want1 = 1 + (a[0, 0].double() * torch.cos(2 * math.pi * k * r.double().unsqueeze(-1))).sum(-1)
     torch.testing.assert_close(shape.shape_factor(r, a[0, 0]).double(), want1, rtol=0, atol=1e-5)
+    # every group's shape at a few points (more shapes than points: the result takes the broadcast shape)
+    r2 = torch.tensor([0.0, 0.25, 0.5])
+    want2 = 1 + (a.double().unsqueeze(-2) * torch.cos(2 * math.pi * k * r2.double().unsqueeze(-1))).sum(-1)
+    torch.testing.assert_close(shape.shape_factor(r2, a.unsqueeze(-2)).double(), want2, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("per", ["layer", "group"])
@@ -141,6 +145,26 @@ def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel
                 st.weight.add_(0.1 * st.quantizer.scale.repeat_interleave(32, dim=1))
     want = shape.positive(shape.dither_shape(torch.tensor(0.1), 3))
     torch.testing.assert_close(hooks.shapes[st.name], want, rtol=1e-4, atol=1e-5)
+
+
+def test_per_group_dither_hook_fits_one_shape_per_group_from_each_groups_travel():
+    """per="group": after a refresh each group's shape is Dither's at that group's own travel (two travels here),
+    and the gradient is multiplied by its group's B."""
+    cfg = ElementwiseConfig(rule="shape", fit="dither", per="group", refresh_every=2, n_basis=3)
+    for t, st, hooks, g0, r in _hooked_steps(cfg, 3):
+        if t == 1:
+            with torch.no_grad():  # group 0 of each row travels 0.1 bin, group 1 travels 0.3 bin
+                s = st.quantizer.scale
+                st.weight[:, :32].add_(0.1 * s[:, :1])
+                st.weight[:, 32:].add_(0.3 * s[:, 1:])
+        if t == 2:
+            a = hooks.shapes[st.name]  # [N, K/G, n]
+            for j, sigma in enumerate((0.1, 0.3)):
+                want = shape.positive(shape.dither_shape(torch.tensor(sigma), 3))
+                torch.testing.assert_close(a[:, j], want.expand_as(a[:, j]), rtol=1e-4, atol=1e-5)
+            b = shape.shape_factor(r.reshape(r.shape[0], -1, 32), a.unsqueeze(-2))  # r as [N, K/G, G]
+            torch.testing.assert_close(st.weight.grad, g0 * b.reshape(g0.shape), rtol=1e-5, atol=1e-6)
+    assert len(hooks.history) == 2 and all(0 < c < 1 for c in hooks.history[-1]["contrast"].values())
 
 
 @pytest.mark.parametrize("schedule", ["decay", "grow"])
