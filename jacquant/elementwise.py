@@ -29,6 +29,7 @@ Adam's per-coordinate normalisation cannot cancel it).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -291,6 +292,8 @@ class ElementwiseHooks:
         self.amplitudes = {s.name: torch.tensor(float(config.amplitude)) for s in found}  # "fourier": A, [] or [N, K/G]
         self._before: dict[str, Tensor] = {}  # "dither": the weights at the last refresh
         self.history: list[dict] = []  # per refit: step, and per site the mean amplitude A and B(0)/B(1/2)
+        self.seconds: list[float] = []  # per step: wall seconds inside the hooks, refits included (the rule's cost)
+        self._pre_seconds = 0.0
         self._saved: list = []
         self._handles: list[RemovableHandle] = [optimizer.register_step_pre_hook(self._pre),
                                                 optimizer.register_step_post_hook(self._post)]
@@ -389,6 +392,12 @@ class ElementwiseHooks:
 
     @torch.no_grad()
     def _pre(self, opt, args, kwargs) -> None:
+        start = time.perf_counter()
+        self._pre_rule()
+        self._pre_seconds = time.perf_counter() - start
+
+    @torch.no_grad()
+    def _pre_rule(self) -> None:
         c = self.config
         if c.rule == "ewgs" and c.needs_loss and self.t % c.refresh_every == 0:
             self.refresh()
@@ -426,6 +435,7 @@ class ElementwiseHooks:
 
     @torch.no_grad()
     def _post(self, opt, args, kwargs) -> None:
+        start = time.perf_counter()
         code = self.code_phase(self.t)
         for st, saved in zip(self.sites, self._saved):
             q, w = st.quantizer, st.weight
@@ -439,6 +449,7 @@ class ElementwiseHooks:
                 q.as_nk(w).copy_(q.as_nk(w_old) + b.to(w.dtype) * delta)
         self._saved = []
         self.t += 1
+        self.seconds.append(self._pre_seconds + time.perf_counter() - start)
 
 
 def _contrast(coeffs: Tensor) -> float:

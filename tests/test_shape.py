@@ -145,6 +145,7 @@ def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel
                 st.weight.add_(0.1 * st.quantizer.scale.repeat_interleave(32, dim=1))
     want = shape.positive(shape.dither_shape(torch.tensor(0.1), 3))
     torch.testing.assert_close(hooks.shapes[st.name], want, rtol=1e-4, atol=1e-5)
+    assert len(hooks.seconds) == 3 and all(s > 0 for s in hooks.seconds)  # the rule's own time, one entry per step
 
 
 def test_per_group_dither_hook_fits_one_shape_per_group_from_each_groups_travel():
