@@ -122,9 +122,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-ewgs-vrm", optimizer="vrm", elementwise=ElementwiseConfig(rule="ewgs")),
 )}
 # The default JacQuant (issue 21, docs/method.md "The learned shape"): the shape of B(r) fitted by Dither per layer.
-# Below the per-group B of ``jacquant`` on every seed of the main job (3 of 3) and in the block-wise phase,
-# below STE on every block-wise seed; its hook acts on the integer-zero-point grid only, so the scale-and-min
-# GGUF formats (q4_1, q2_k) keep ``jacquant``.
+# Below STE on every block-wise seed (3 of 3) at 1.03x STE's step; end to end against ``jacquant`` it was ahead on
+# 3 of 3 seeds and behind on the 2026-12-03 rerun (docs/method.md: to be rerun at 3 seeds). Its hook acts on the
+# integer-zero-point grid only, so the scale-and-min GGUF formats (q4_1, q2_k) keep ``jacquant``.
 DEFAULT_JACQUANT = "jq-shape"
 DEFAULT_METHODS = ("rtn", "gptq", "ste", "stableqat", "jacquant", DEFAULT_JACQUANT)
 
