@@ -3,6 +3,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from jacquant.app import report
 
@@ -66,6 +67,9 @@ def test_merge_runs_keeps_fp_and_rtn_once_and_pairs_seeds(tmp_path):
              for m, v, s in (("fp", 5.0, 0), ("rtn", 50.0, 0), ("rtn", 50.0, 1))]
     rows = fixed[:2] + _rows() + fixed[2:]
     assert [merge.key(r) for r in rows].count(("lm", "rtn", None)) == 2
+    gptq = [{"track": "lm", "method": "gptq", "seed": s, "metrics": {"ppl": 300.0 + s}, "seconds": 0.0, "curve": [],
+             "log": None} for s in (0, 1)]  # untrained, yet each seed calibrates on its own windows
+    assert merge.key(gptq[0]) != merge.key(gptq[1])
     table = report.paired_differences(_rows())
     assert "| jacquant | -1.000 | -1.100 | -1.100 | -1.067 ± 0.058 |" in table
 
@@ -80,3 +84,17 @@ def test_every_jacquant_recipe_is_judged_and_a_run_without_one_says_so(tmp_path)
     assert judged["jq-gauss-upd", "ste"]["verdict"] == "loses to"
     md, _ = report.write(str(tmp_path), [r for r in _rows() if r["method"] == "stableqat"], {"bits": 2})
     assert "Not compared: this run does not hold a JacQuant method" in open(md).read()
+
+
+def test_screen_paired_hook_ratio_skips_the_compile_step_and_divides_by_the_median_rest():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "screen", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "screen.py"))
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    # step 0 (9 s, 5 s of it in the hook: the first refit) is left out; steps 1-3 spend 0.2/0.4/0.3 s in the hook
+    # of 2/3/2.5 s: the rest is 1.8/2.6/2.2 s, its median 2.2, the mean hook 0.3 -> 1 + 0.3/2.2
+    ratio = screen.paired_hook_ratio([9.0, 2.0, 3.0, 2.5], [5.0, 0.2, 0.4, 0.3])
+    assert ratio == pytest.approx(1 + 0.3 / 2.2, rel=1e-12)

@@ -187,3 +187,18 @@ def test_bad_shape_settings_are_clear_errors():
         ElementwiseConfig(rule="shape", fit="probe", per="group")
     with pytest.raises(ValueError, match="use rule 'shape' or 'fourier'"):
         ElementwiseConfig(rule="gauss", fit="dither")
+
+
+def test_hook_seconds_are_the_pre_and_post_hook_intervals_of_each_step(monkeypatch):
+    """``hooks.seconds[t]`` is (end − start of the pre-step hook) + (end − start of the post-step hook), read on a
+    fake clock that advances by known amounts: nothing outside the two hooks (forward, backward, the optimizer's own
+    update) is counted."""
+    import types
+
+    import jacquant.elementwise as ew
+    ticks = iter([0.0, 1.5, 10.0, 10.25,   # step 0: pre hook 1.5 s, post hook 0.25 s
+                  20.0, 22.0, 30.0, 30.5])  # step 1: pre hook 2 s, post hook 0.5 s
+    monkeypatch.setattr(ew, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    cfg = ElementwiseConfig(rule="shape", fit="dither", refresh_every=100, n_basis=3)
+    seen = [hooks.seconds.copy() for _, _, hooks, _, _ in _hooked_steps(cfg, 2)]
+    assert seen == [[1.75], [1.75, 2.5]]
