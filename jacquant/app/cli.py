@@ -108,9 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text", nargs="+", required=True, help="training text files (the last 10%% validates)")
     tr.add_argument("--out", required=True, help="output directory")
     _common(tr)
-    tr.add_argument("--method", default=None, choices=[k for k, r in RECIPES.items() if r.train],
-                    help=f"QAT method (default {DEFAULT_JACQUANT}, the learned shape; jacquant with --format q4_1 "
-                         "or q2_k, whose scale-and-min grid the shape's hook does not act on)")
+    tr.add_argument("--method", default=DEFAULT_JACQUANT, choices=[k for k, r in RECIPES.items() if r.train],
+                    help=f"QAT method (default {DEFAULT_JACQUANT}: B per group, refreshed by Dither)")
     tr.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
     tr.add_argument("--tokens", type=int, default=None, help="training tokens instead of --steps")
     tr.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")

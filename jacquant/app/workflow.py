@@ -31,7 +31,7 @@ from ..config import QuantConfig
 from ..convert import convert, load_converted, save_converted
 from ..plot import plot
 from .pipeline import Pipeline, calibrated_start, calibration_windows, gptq_start, run_phases
-from .qat import RECIPES, default_method
+from .qat import DEFAULT_JACQUANT, RECIPES
 
 VALID_FRACTION = 0.1
 
@@ -45,7 +45,7 @@ class TrainArgs:
     out: str
     bits: int = 2
     group: int = 64
-    method: Optional[str] = None  # None: qat.default_method(format, fallback), set in __post_init__
+    method: str = DEFAULT_JACQUANT
     steps: Optional[int] = None
     tokens: Optional[int] = None
     seq: int = 256
@@ -61,10 +61,6 @@ class TrainArgs:
     format: Optional[str] = None
     fallback: Optional[str] = None
     init: str = "mse"
-
-    def __post_init__(self) -> None:
-        if self.method is None:
-            self.method = default_method(self.format, self.fallback)
 
     def config(self) -> QuantConfig:
         """The QuantConfig of the run (a GGUF ``format`` sets bits and group)."""
