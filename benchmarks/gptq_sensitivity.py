@@ -22,7 +22,7 @@ import torch
 from jacquant.app import data, lm_track
 from jacquant.app.pipeline import calibrated_start, calibration_windows
 from jacquant.config import QuantConfig
-from jacquant.site import sites
+from jacquant.stats import codes_moved, model_codes
 
 
 def perturbed(model: torch.nn.Module, seed: int, rel: float = 2.0 ** -23) -> torch.nn.Module:
@@ -56,9 +56,9 @@ def main() -> None:
         torch.manual_seed(a.seed)
         start = calibrated_start(model_fp, config, pipe, calib, progress=False)
         seconds = time.perf_counter() - t
-        codes = [s.quantizer.codes(s.weight) for s in sites(start)]
+        codes = model_codes(start)
         codes0 = codes0 or codes
-        moved = sum(int((c != c0).sum()) for c, c0 in zip(codes, codes0)) / sum(c.numel() for c in codes0)
+        moved = codes_moved(codes0, codes)
         row = {"case": "as loaded" if case is None else f"× (1 + 2^-23 ε), seed {case}", "seed": a.seed,
                "ppl_start": lm_track.perplexity(start, windows), "ppl_fp": lm_track.perplexity(model_fp, windows),
                "codes_moved": moved, "seconds": seconds}

@@ -25,7 +25,7 @@ from jacquant.app.blockwise import BlockwiseConfig
 from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, run_phases
 from jacquant.app.qat import RECIPES
 from jacquant.config import QuantConfig
-from jacquant.site import sites
+from jacquant.stats import codes_moved, model_codes
 
 
 def main() -> None:
@@ -81,12 +81,11 @@ def main() -> None:
             torch.save(model.state_dict(), cached)
     lm_track.freeze_embedding(model)
     res["t_start"], res["ppl_start"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
-    codes0 = [s.quantizer.codes(s.weight) for s in sites(model)]
+    codes0 = model_codes(model)
 
     def moved() -> float:
         """The fraction of integer codes that differ from the start's (how far training travelled)."""
-        changed = sum(int((s.quantizer.codes(s.weight) != c0).sum()) for s, c0 in zip(sites(model), codes0))
-        return changed / sum(c0.numel() for c0 in codes0)
+        return codes_moved(codes0, model_codes(model))
 
     t0 = time.perf_counter()
     torch.manual_seed(a.seed)

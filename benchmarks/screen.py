@@ -35,7 +35,7 @@ from jacquant.app.qat import Recipe, quantize_copy, train
 from jacquant.app.qat import recipes as named_recipes
 from jacquant.elementwise import ElementwiseConfig
 from jacquant.config import QuantConfig
-from jacquant.site import sites
+from jacquant.stats import codes_moved, model_codes
 
 # benchmark-only controls: the update hook with B ≡ 1 changes the STE run by fp32 rounding only
 # (w_old + (w_new − w_old) ≠ w_new bit for bit), which measures how chaotic a short run is
@@ -117,7 +117,7 @@ def smol(methods: list[str], lrs: list[float], out: str, bits: int, group: int, 
         for r in recipes(methods):
             torch.manual_seed(seed)
             model = quantize_copy(fp, r, QuantConfig(bits=bits, group=group))
-            codes0 = [s.quantizer.codes(s.weight) for s in sites(model)]
+            codes0 = model_codes(model)
             calib = next(data.windows(train_ids, batch, seq, 1, seed + 10_000))
             stamps: list[float] = []
             hooks.clear()
@@ -133,14 +133,13 @@ def smol(methods: list[str], lrs: list[float], out: str, bits: int, group: int, 
             sec = time.perf_counter() - t0
             stamps.append(time.perf_counter())
             durations = [b - a for a, b in zip(stamps, stamps[1:])]  # step t: yield t -> yield t + 1
-            moved = sum(int((s.quantizer.codes(s.weight) != c0).sum()) for s, c0 in zip(sites(model), codes0))
-            total = sum(c0.numel() for c0 in codes0)
+            moved = codes_moved(codes0, model_codes(model))
             ok = evaluate and all(math.isfinite(c) for c in curve)
             ppl = lm_track.perplexity(model, tune, batch=8) if ok else float("nan")
             _append(out, {"track": "smol", "method": r.name, "lr": lr, "seed": seed, "steps": steps, "ppl": ppl,
                           "sec_per_step": sec / steps,
                           "step0_s": durations[0], "median_step_s": sorted(durations[1:])[len(durations[1:]) // 2],
-                          "codes_moved": moved / total, "final_loss": curve[-1],
+                          "codes_moved": moved, "final_loss": curve[-1],
                           "delta": _delta_stats(hooks), "step_s": durations,
                           "hook_s": list(hooks[-1].seconds) if hooks else None})
             del model
@@ -205,7 +204,6 @@ def table(path: str) -> None:
         by = defaultdict(dict)
         for r in sel:
             by[r["method"]][r["lr"]] = r  # the last run of a (method, lr) wins
-        ref_row = by.get("ste", {})
         if track == "smol" and all(math.isnan(r["ppl"]) for r in sel):
             fastest = defaultdict(dict)  # a method timed twice (ste first and last): its least-disturbed run
             for r in sel:

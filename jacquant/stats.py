@@ -57,6 +57,19 @@ def stats(model: nn.Module) -> dict[str, dict[str, Optional[float]]]:
     return out
 
 
+@torch.no_grad()
+def model_codes(model: nn.Module) -> list[torch.Tensor]:
+    """The integer codes c = clamp(round(w/s + z), 0, q) of every quantized site, in ``sites(model)`` order."""
+    return [s.quantizer.codes(s.weight) for s in sites(model)]
+
+
+def codes_moved(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    """The fraction of codes that differ between two :func:`model_codes` of one model:
+    Σ_sites #{i : c_i ≠ c'_i} / Σ_sites #c (how far training, or another start, has moved the integer model)."""
+    changed = sum(int((a != b).sum()) for a, b in zip(before, after, strict=True))
+    return changed / sum(a.numel() for a in before)
+
+
 def aggregate(per_site: dict[str, dict[str, Optional[float]]]) -> dict[str, Optional[float]]:
     """Weight-count-weighted means over sites (min/max of B over all sites)."""
     n = sum(d["numel"] for d in per_site.values())

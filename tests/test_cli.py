@@ -130,7 +130,7 @@ def test_threads_flag_sets_torch_threads(tmp_path, capsys):
 
 def test_default_method_is_jacquant_on_every_grid_and_the_main_job_trains_the_learned_shape_beside_it():
     """`jacquant train` without --method: jacquant's per-group B, GGUF formats included (the learned shape was the
-    default for one round; the 3-seed main job at HEAD put it +0.84 ± 1.66 behind, docs/method.md); `jacquant run`
+    default for one round; the 3-seed main job of 2026-12-03 put it +0.84 ± 1.66 behind, docs/method.md); `jacquant run`
     keeps training jq-shape beside it."""
     from jacquant.app.cli import build_parser
     from jacquant.app.qat import DEFAULT_JACQUANT, DEFAULT_METHODS

@@ -1,11 +1,22 @@
 """report: mean ± std over seeds and the verdict, against numpy."""
+import importlib.util
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 
 from jacquant.app import report
+
+
+def _benchmark(name: str):
+    """The script benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _rows():
@@ -56,13 +67,7 @@ def test_one_seed_is_never_called_a_win():
 
 
 def test_merge_runs_keeps_fp_and_rtn_once_and_pairs_seeds(tmp_path):
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location(
-        "merge_runs", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "merge_runs.py"))
-    merge = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merge)
+    merge = _benchmark("merge_runs")
     fixed = [{"track": "lm", "method": m, "seed": s, "metrics": {"ppl": v}, "seconds": 0.0, "curve": [], "log": None}
              for m, v, s in (("fp", 5.0, 0), ("rtn", 50.0, 0), ("rtn", 50.0, 1))]
     rows = fixed[:2] + _rows() + fixed[2:]
@@ -87,13 +92,7 @@ def test_every_jacquant_recipe_is_judged_and_a_run_without_one_says_so(tmp_path)
 
 
 def test_screen_paired_hook_ratio_skips_the_compile_step_and_divides_by_the_median_rest():
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location(
-        "screen", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "screen.py"))
-    screen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screen)
+    screen = _benchmark("screen")
     # step 0 (9 s, 5 s of it in the hook: the first refit) is left out; steps 1-3 spend 0.2/0.4/0.3 s in the hook
     # of 2/3/2.5 s: the rest is 1.8/2.6/2.2 s, its median 2.2, the mean hook 0.3 -> 1 + 0.3/2.2
     ratio = screen.paired_hook_ratio([9.0, 2.0, 3.0, 2.5], [5.0, 0.2, 0.4, 0.3])

@@ -83,3 +83,23 @@ def test_logger_writes_jsonl_and_plot_draws_png(tmp_path):
     import matplotlib.image as mpimg
     img = mpimg.imread(out)
     assert img.shape[:2] == (800, 700)
+
+
+def test_codes_moved_counts_the_codes_that_changed_across_sites():
+    """jacquant.stats.model_codes / codes_moved against a hand count: nudging 3 weights of one site across a
+    threshold (by one bin) and none of the other changes exactly 3 of all codes."""
+    from jacquant.stats import codes_moved, model_codes
+
+    torch.manual_seed(0)
+    model = jacquant.transform(nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 8)), bits=2, group=16)
+    before = model_codes(model)
+    assert [c.shape for c in before] == [torch.Size([16, 64]), torch.Size([8, 16])]
+    st = next(iter(sites(model)))
+    q = st.quantizer
+    with torch.no_grad():  # move w[0, :3] to the middle of the bin next to their code (1 <-> 2 stays inside 0..3)
+        s = q.scale[0, 0]
+        c = before[0][0, :3].float()
+        target = torch.where(c < 2, c + 1, c - 1)
+        st.weight[0, :3] = (target - q.zero_point[0, 0].float()) * s
+    assert codes_moved(before, model_codes(model)) == 3 / (16 * 64 + 8 * 16)
+    assert codes_moved(before, before) == 0.0

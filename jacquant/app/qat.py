@@ -121,8 +121,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-ewgs-vrm", optimizer="vrm", elementwise=ElementwiseConfig(rule="ewgs")),
 )}
 # The default JacQuant of `jacquant train` (docs/method.md "The default follows the measurement"): the per-group B
-# refreshed by Dither. Issue 21's learned shape ``jq-shape`` was the default for one round; on the main job at HEAD
-# (3 seeds, 2026-12-03) it trails ``jacquant`` by +0.84 ± 1.66 perplexity (ahead on 1 seed of 3), so the default went
+# refreshed by Dither. Issue 21's learned shape ``jq-shape`` was the default for one round; on the main job at 3 seeds
+# on this code (2026-12-03) it trails ``jacquant`` by +0.84 ± 1.66 perplexity (ahead on 1 seed of 3), so the default went
 # back: no measurement in the default (end-to-end) pipeline puts either ahead, and ``jacquant`` acts on every grid,
 # the GGUF scale-and-min formats included. The main job keeps training ``jq-shape`` beside it.
 DEFAULT_JACQUANT = "jacquant"
