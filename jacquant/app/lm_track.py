@@ -270,17 +270,14 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
                 continue  # RTN does not depend on the seed
             t0 = time.perf_counter()
             base, start_s = start("gptq" if recipe.name == "gptq" else "rtn" if not recipe.train else pipe.start)
-            model = with_rule(base, recipe.rule) if recipe.train else base
+            model = base
             curve: list[float] = []
             block_curves: list[list[float]] = []
             logp, train_s = None, 0.0
             if recipe.train:
-                torch.manual_seed(seed)
                 logp = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
-                done = run_phases(model, fp_model, recipe, pipe, objective, toks.train, calib, batch=budget.batch,
-                                  seq=budget.seq, steps=budget.steps, lr=budget.lr, seed=seed, batch_seed=seed + 1,
-                                  probe_seed=10_000, device=device, log_path=logp,
-                                  log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
+                model, done = train_from(base, fp_model, recipe, budget, objective, toks.train, calib, seed, device,
+                                         log_path=logp)
                 curve, block_curves = done.curve, done.block_curves
                 train_s = time.perf_counter() - t0
             seconds = time.perf_counter() - t0 + start_s  # the shared start counts for every method that uses it
@@ -300,6 +297,20 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
         for r in rows[1:]:
             r["metrics"]["recovery"] = recovery(r["metrics"]["ppl"], rtn[0], rows[0]["metrics"]["ppl"])
     return rows, kept
+
+
+def train_from(start: nn.Module, fp_model: nn.Module, recipe: Recipe, budget: Budget, objective: Callable,
+               train: Tensor, calib: Optional[Tensor], seed: int, device, log_path: Optional[str] = None):
+    """One method's run of the main job from a given ``start``: a copy of it with ``recipe``'s backward rule, then
+    the pipeline's block-wise and end-to-end phases (:func:`jacquant.app.pipeline.run_phases`) on the batches the
+    seed draws from ``train``, the same for every method. Returns (model, the phases' result)."""
+    model = with_rule(start, recipe.rule)
+    torch.manual_seed(seed)
+    done = run_phases(model, fp_model, recipe, budget.pipeline, objective, train, calib, batch=budget.batch,
+                      seq=budget.seq, steps=budget.steps, lr=budget.lr, seed=seed, batch_seed=seed + 1,
+                      probe_seed=10_000, device=device, log_path=log_path, log_every=max(1, budget.steps // 30),
+                      desc=f"lm {recipe.name} seed {seed}")
+    return model, done
 
 
 def recovery(ppl: float, ppl_rtn: float, ppl_fp: float) -> float:
