@@ -39,7 +39,7 @@ from torch import Tensor
 from . import data
 from ..config import QuantConfig
 from .blockwise import BlockwiseConfig
-from .pipeline import Pipeline, calibrated_start, calibration_windows, run_phases, with_rule
+from .pipeline import Phases, Pipeline, calibrated_start, calibration_windows, run_phases, with_rule
 from .qat import Recipe
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
@@ -300,7 +300,8 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
 
 
 def train_from(start: nn.Module, fp_model: nn.Module, recipe: Recipe, budget: Budget, objective: Callable,
-               train: Tensor, calib: Optional[Tensor], seed: int, device, log_path: Optional[str] = None):
+               train: Tensor, calib: Optional[Tensor], seed: int, device, log_path: Optional[str] = None
+               ) -> tuple[nn.Module, Phases]:
     """One method's run of the main job from a given ``start``: a copy of it with ``recipe``'s backward rule, then
     the pipeline's block-wise and end-to-end phases (:func:`jacquant.app.pipeline.run_phases`) on the batches the
     seed draws from ``train``, the same for every method. Returns (model, the phases' result)."""
