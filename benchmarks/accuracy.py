@@ -14,7 +14,7 @@ import argparse
 import datetime
 import os
 
-from jacquant.app.accuracy import run_accuracy
+from jacquant.app.main_job import run_accuracy
 from jacquant.app.qat import RECIPES
 
 

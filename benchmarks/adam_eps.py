@@ -20,11 +20,11 @@ import argparse
 import torch
 
 import jacquant
-from jacquant.app import data, lm_track
-from jacquant.elementwise import gaussian_slope
-from jacquant.quantizer import scaled
-from jacquant.site import sites
-from jacquant.surrogates import stableqat_factor
+from jacquant.app import data, lm_track, models
+from jacquant.research.elementwise import gaussian_slope
+from jacquant.primitives.grid import scaled
+from jacquant.qat.quantizer import sites
+from jacquant.primitives.surrogates import stableqat_factor
 
 
 def survival(f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--eps", type=float, default=1e-8)
     a = ap.parse_args()
-    model, tok, _ = lm_track.load_fp()
+    model, tok, _ = models.load_fp()
     toks = lm_track.tokens(data.load_corpus(), tok)
     batch = toks.train[: a.batch * a.seq].reshape(a.batch, a.seq).long()
     jacquant.transform(model, bits=2, group=64, method="ste")

@@ -41,7 +41,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from jacquant.app import data, lm_track, pipeline  # noqa: E402
+from jacquant.app import data, lm_track, models, pipeline  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "autoround.jsonl")
 
@@ -110,7 +110,7 @@ def main() -> None:
     import auto_round
     from auto_round import AutoRound
 
-    fp, tok, info = lm_track.load_fp()
+    fp, tok, info = models.load_fp()
     fp.eval()
     toks = lm_track.tokens(data.load_corpus("auto"), tok)
     windows = lm_track.eval_windows(toks.valid, a.eval_windows, a.eval_seq)

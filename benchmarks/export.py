@@ -210,8 +210,9 @@ def table(rows: list[tuple], base: dict, title: str) -> None:
 
 
 def llm(a) -> None:
-    from jacquant.app.gguf import smollm2_path
-    from jacquant.app.workflow import load_model, load_trained, resolve_model
+    from jacquant.app.models import smollm2_path
+    from jacquant.app.commands import load_trained
+    from jacquant.app.models import load_model, resolve_model
 
     torch.set_num_threads(a.threads)
     hf_dir = resolve_model(smollm2_path())
@@ -251,7 +252,7 @@ def llm(a) -> None:
         variants.append(("fp32", "fp32", exported("fp32", lambda: model, 0, None)))
         variants.append((f"jacquant W4 g{a.group}", f"RTN, {hb}", exported("w4", lambda: rtn(model, 4, a.group))))
         if a.model:
-            variants.append((f"jacquant W2", f"trained ({a.model}), {hb}",
+            variants.append(("jacquant W2", f"trained ({a.model}), {hb}",
                              exported("w2", lambda: load_trained(hf_dir, a.model)[0])))
         else:
             variants.append((f"jacquant W2 g{a.group}", f"RTN, {hb}", exported("w2", lambda: rtn(model, 2, a.group))))

@@ -34,7 +34,7 @@ import time
 import torch
 
 import jacquant
-from jacquant.app import data, gguf as app_gguf, lm_track
+from jacquant.app import data, lm_track, models
 from jacquant.app.qat import RECIPES
 from jacquant.export import export_gguf, export_onnx, llamacpp
 
@@ -165,14 +165,14 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
-    fp, tok, _ = lm_track.load_fp(log=log)
+    fp, tok, _ = models.load_fp(log=log)
     toks = lm_track.tokens(data.load_corpus("auto"), tok)
     windows = lm_track.eval_windows(toks.valid, 32, 256)
     if a.init_compare:
         return init_compare(fp, toks, windows, a.out)
     if a.respeed:  # then only the table is rewritten (pass --rows "")
         respeed(a.out, toks.valid[:128].tolist(), a.threads)
-    src = app_gguf.smollm2_path()
+    src = models.smollm2_path()
     prompt = toks.valid[:128].tolist()
     reference = fp_reference(fp, windows)
     rows_path = os.path.join(a.out, "rows.json")
@@ -220,7 +220,7 @@ def respeed(out: str, prompt, threads: int) -> None:
     that load from other jobs on the machine hits every row alike; written to rows.json as ``*_respeed``."""
     rows_path = os.path.join(out, "rows.json")
     rows = json.load(open(rows_path))
-    files = {k: (app_gguf.smollm2_path() if k == "q4_1" else os.path.join(out, f"{k}.gguf")) for k in rows}
+    files = {k: (models.smollm2_path() if k == "q4_1" else os.path.join(out, f"{k}.gguf")) for k in rows}
     files = {k: f for k, f in files.items() if os.path.exists(f)}
     best = {k: {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0} for k in files}
     for _ in range(5):
@@ -240,7 +240,7 @@ def init_compare(fp, toks, windows, out: str) -> None:
     round-to-nearest perplexity."""
     import copy
 
-    from jacquant.site import sites
+    from jacquant.qat.quantizer import sites
 
     res = {}
     for init in ("mse", "llama"):

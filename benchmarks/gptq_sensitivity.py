@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from jacquant.app import data, lm_track
+from jacquant.app import data, lm_track, models
 from jacquant.app.pipeline import calibrated_start, calibration_windows
 from jacquant.app.qat import recipes
 from jacquant.config import QuantConfig
-from jacquant.stats import codes_moved, model_codes
+from jacquant.qat.stats import codes_moved, model_codes
 
 
 def perturbed(model: torch.nn.Module, seed: int, rel: float = 2.0 ** -23) -> torch.nn.Module:
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--train", default="", help="comma-separated methods to train from every start (e.g. ste,jacquant)")
     ap.add_argument("--results", default="benchmarks/results/gptq_sensitivity.jsonl")
     a = ap.parse_args()
-    fp, tok, _ = lm_track.load_fp(log=lambda *x: None)
+    fp, tok, _ = models.load_fp(log=lambda *x: None)
     toks = lm_track.tokens(data.load_corpus("auto"), tok)
     budget, pipe = lm_track.DEFAULT, lm_track.DEFAULT.pipeline
     windows = lm_track.eval_windows(toks.valid, budget.eval_windows, budget.eval_seq)

@@ -43,7 +43,7 @@ def bench_fake_quant(bits: int, group: int, peak: float) -> None:
     from triton.testing import do_bench
 
     from jacquant.kernels import fake_quant as fq
-    from jacquant.quantizer import init_minmax
+    from jacquant.primitives.grid import init_minmax
 
     print(f"\n## fake quant fwd + bwd, W fp32, b={bits}, G={group}, rule jacquant  (peak {peak:.0f} GB/s)")
     print(f"{'N x K':>12} {'triton ms':>10} {'GB/s':>7} {'%peak':>6} {'eager ms':>9} {'compile ms':>11} "
@@ -74,8 +74,8 @@ def bench_packed_matmul(bits: int, group: int, peak: float) -> None:
     from triton.testing import do_bench
 
     from jacquant.kernels.packed_matmul import packed_linear_triton
-    from jacquant.packing import pack_codes
-    from jacquant.quantizer import init_minmax, quantize
+    from jacquant.primitives.packing import pack_codes
+    from jacquant.primitives.grid import init_minmax, quantize
 
     print(f"\n## packed W{bits}A16 matmul, G={group}, x fp16  (peak {peak:.0f} GB/s)")
     print(f"{'N x K':>12} {'M':>5} {'triton ms':>10} {'GB/s':>7} {'%peak':>6} {'fp16 ms':>8} {'fp16 GB/s':>10} "

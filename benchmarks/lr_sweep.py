@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from jacquant.app import data, lm_track
+from jacquant.app import data, lm_track, models
 from jacquant.app.qat import RECIPES, quantize_copy, train
 from jacquant.config import QuantConfig
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     budget = replace(lm_track.DEFAULT, steps=a.steps)
-    fp, tok, _ = lm_track.load_fp()
+    fp, tok, _ = models.load_fp()
     toks = lm_track.tokens(data.load_corpus(), tok)
     tune = lm_track.eval_windows(toks.tune, a.windows, budget.eval_seq)
     fp_ppl = lm_track.perplexity(fp, tune)

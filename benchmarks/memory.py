@@ -32,7 +32,7 @@ def build(a: argparse.Namespace, variant: str, device: str):
     import torch
 
     import jacquant
-    from jacquant.optim import scale_updates_by_b
+    from jacquant.qat.optim import scale_updates_by_b
 
     torch.manual_seed(0)
     if a.model == "llama":
@@ -46,7 +46,7 @@ def build(a: argparse.Namespace, variant: str, device: str):
         def loss_fn(idx):
             return model(input_ids=idx, labels=idx, use_cache=False).loss
     else:
-        from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+        from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
         model = TinyGPT(GPTConfig(vocab_size=a.vocab, dim=a.dim, n_layer=a.layers, n_head=8, max_seq=a.seq)).to(device)
 
@@ -55,7 +55,7 @@ def build(a: argparse.Namespace, variant: str, device: str):
     method = None if variant == "fp" else variant.split("+")[0]
     if method is not None:
         jacquant.transform(model, bits=a.bits, group=a.group, method=method, init="minmax")
-        jacquant.refresh.attach(model, jacquant.RefreshConfig(refresh_every=1 if variant.endswith("refresh") else 100))
+        jacquant.qat.refresh.attach(model, jacquant.RefreshConfig(refresh_every=1 if variant.endswith("refresh") else 100))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if variant.endswith("update"):
         scale_updates_by_b(opt, model)

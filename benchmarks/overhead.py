@@ -35,7 +35,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import torch  # noqa: E402
 
 import jacquant  # noqa: E402
-from jacquant import refresh  # noqa: E402
+from jacquant.qat import refresh  # noqa: E402
 
 METHODS = ("fp32", "ste", "jacquant")
 
@@ -43,13 +43,13 @@ METHODS = ("fp32", "ste", "jacquant")
 def load(name: str):
     """(model, vocab size, loss(model_or_compiled, idx)) for ``smollm2`` or ``tiny``."""
     if name == "tiny":
-        from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+        from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
         cfg = GPTConfig()
         torch.manual_seed(0)
         return TinyGPT(cfg), cfg.vocab_size, lambda m, idx: lm_loss(m(idx), idx)
-    from jacquant.app.gguf import smollm2_path
-    from jacquant.app.workflow import load_model
+    from jacquant.app.models import smollm2_path
+    from jacquant.app.models import load_model
 
     model, _ = load_model(smollm2_path())
     # use_cache=False, as in training: a KV cache object differs per layer and defeats regional reuse

@@ -20,12 +20,12 @@ from dataclasses import replace
 
 import torch
 
-from jacquant.app import data, lm_track
+from jacquant.app import data, lm_track, models
 from jacquant.app.blockwise import BlockwiseConfig
 from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, run_phases
 from jacquant.app.qat import RECIPES
 from jacquant.config import QuantConfig
-from jacquant.stats import codes_moved, model_codes
+from jacquant.qat.stats import codes_moved, model_codes
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         print(table(a.results, a.table))
         return
 
-    fp, tok, _ = lm_track.load_fp(log=lambda *x: None)
+    fp, tok, _ = models.load_fp(log=lambda *x: None)
     toks = lm_track.tokens(data.load_corpus("auto"), tok)
     windows = lm_track.eval_windows(toks.tune, 32, 256)
     recipe = RECIPES[a.method]

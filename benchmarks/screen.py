@@ -33,9 +33,9 @@ import torch
 from jacquant.app import data
 from jacquant.app.qat import Recipe, quantize_copy, train
 from jacquant.app.qat import recipes as named_recipes
-from jacquant.elementwise import ElementwiseConfig
+from jacquant.research.elementwise import ElementwiseConfig
 from jacquant.config import QuantConfig
-from jacquant.stats import codes_moved, model_codes
+from jacquant.qat.stats import codes_moved, model_codes
 
 # benchmark-only controls: the update hook with B ≡ 1 changes the STE run by fp32 rounding only
 # (w_old + (w_new − w_old) ≠ w_new bit for bit), which measures how chaotic a short run is
@@ -98,8 +98,8 @@ def _smol_data(tok, n_train_chars: int = 3_000_000) -> tuple[torch.Tensor, torch
 def smol(methods: list[str], lrs: list[float], out: str, bits: int, group: int, steps: int, batch: int, seq: int,
          seed: int, evaluate: bool = True) -> None:
     from jacquant.app import lm_track
-    from jacquant.app.gguf import smollm2_path
-    from jacquant.app.workflow import load_model
+    from jacquant.app.models import smollm2_path
+    from jacquant.app.models import load_model
 
     from jacquant.app import qat
 

@@ -5,8 +5,8 @@ position r in its bin. On SmolLM2-135M's 210 quantized matrices (30 decoder laye
 down: 106 M weights, G = 64, three harmonics) this times, per full-model step:
 
   unfused   bin offset r = v - round v, then the cosine series by the forward recurrence (the hook before this round)
-  eager     :func:`jacquant.shape.scale_by_shape_`: B on v = w/s + z itself (1-periodic), Clenshaw in place
-  fused     :func:`jacquant.kernels.fused_cpu.scale_by_shape_`: the eager function compiled alone (one loop)
+  eager     :func:`jacquant.research.shape.scale_by_shape_`: B on v = w/s + z itself (1-periodic), Clenshaw in place
+  fused     the eager function compiled alone by :func:`jacquant.kernels.fused_cpu.run` (one loop)
 
 interleaved over ``--rounds`` rounds (median), against the STE training step of the cost table
 (``benchmarks/screen.py smol --no-eval``; about 4.7 s on 2 CPU threads, batch 4 x 128).
@@ -16,15 +16,16 @@ interleaved over ``--rounds`` rounds (median), against the STE training step of 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
 
 import torch
 
-from jacquant.elementwise import bin_offset
+from jacquant.research.elementwise import bin_offset
 from jacquant.kernels import fused_cpu
-from jacquant.shape import scale_by_shape_
+from jacquant.research.shape import scale_by_shape_
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # one layer
 GROUP = 64
@@ -60,9 +61,9 @@ def main() -> None:
         z = torch.full(s.shape, 2, dtype=torch.uint8)
         coeffs = torch.tensor([0.3, -0.2, 0.1]) if a.per == "layer" else torch.randn(n, k // GROUP, 3, generator=gen) * 0.2
         mats.append((torch.randn(n, k, generator=gen), w, s, z, coeffs))
-    ways = {"unfused": unfused_, "eager": scale_by_shape_, "fused": fused_cpu.scale_by_shape_}
+    ways = {"unfused": unfused_, "eager": scale_by_shape_, "fused": functools.partial(fused_cpu.run, "scale_by_shape", scale_by_shape_)}
     t0 = time.perf_counter()
-    fused_cpu.scale_by_shape_(*mats[0][:4], GROUP, mats[0][4])
+    fused_cpu.run("scale_by_shape", scale_by_shape_, *mats[0][:4], GROUP, mats[0][4])
     print(f"{sum(m[1].numel() for m in mats) / 1e6:.0f} M weights; the fused kernel compiled in "
           f"{time.perf_counter() - t0:.1f} s{' (FAILED: torch path)' if fused_cpu._state['failed'] else ''}")
     times: dict[str, list[float]] = {name: [] for name in ways}

@@ -33,11 +33,11 @@ from dataclasses import replace
 
 import torch
 
-from jacquant.app import data, lm_track
+from jacquant.app import data, lm_track, models
 from jacquant.app.pipeline import calibrated_start, calibration_windows, run_phases, with_rule
 from jacquant.app.qat import RECIPES
 from jacquant.config import QuantConfig
-from jacquant.site import sites
+from jacquant.qat.quantizer import sites
 
 
 def jacquant_bpw(model: torch.nn.Module) -> float:
@@ -76,7 +76,7 @@ def main() -> None:
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     jsonl = os.path.join(a.out, "rows.jsonl")
-    fp, tok, info = lm_track.load_fp()
+    fp, tok, info = models.load_fp()
     toks = lm_track.tokens(data.load_corpus(), tok)
     main_w = lm_track.eval_windows(toks.valid, lm_track.DEFAULT.eval_windows, lm_track.DEFAULT.eval_seq)
     other_w = lm_track.other_windows(tok)
@@ -151,7 +151,7 @@ def llama_rows(fp, calib, main_w, other_w, emit) -> None:
     """llama.cpp's own files, scored by llama.cpp's logits (KL against the fp PyTorch model's)."""
     import torch.nn.functional as F
 
-    from jacquant.app.gguf import smollm2_path
+    from jacquant.app.models import smollm2_path
     from jacquant.export import llamacpp
 
     src = smollm2_path()

@@ -21,8 +21,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import jacquant
-from jacquant import refresh
-from jacquant.optim import MarsAdamW, scale_updates_by_b
+from jacquant.qat import refresh
+from jacquant.qat.optim import MarsAdamW, scale_updates_by_b
 
 DIMS = (128, 256, 256, 64)
 

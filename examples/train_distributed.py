@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 1 examples/train_distributed.py --ckpt /tmp/run --resume --steps 200
 
 Every rank builds the same model (same seed), takes its slice of each global batch, refreshes B
-with ``jacquant.distributed.step`` (B equal on every rank) and saves DCP checkpoints that resume
+with ``jacquant.qat.distributed.step`` (B equal on every rank) and saves DCP checkpoints that resume
 on any world size. The corpus is this file's own bytes (vocabulary 256).
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import jacquant
-from jacquant import distributed as jd
-from jacquant import refresh as rf
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+from jacquant.qat import distributed as jd
+from jacquant.qat import refresh as rf
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 
 def parse() -> argparse.Namespace:

@@ -7,11 +7,11 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .config import QuantConfig
-from .formats import FORMATS, site_format
-from .passes.capture import MatmulSite, capture
-from .passes.rewrite import quantizer_attr, rewrite_owner
-from .site import AffineQuantizer, WeightQuantizer, sites
+from jacquant.config import QuantConfig
+from jacquant.primitives.formats import FORMATS, site_format
+from jacquant.passes.capture import MatmulSite, capture
+from jacquant.passes.rewrite import quantizer_attr, rewrite_owner
+from jacquant.qat.quantizer import AffineQuantizer, WeightQuantizer, sites
 
 
 def transform(
@@ -34,7 +34,7 @@ def transform(
     ``method`` ("ste", "stableqat", "jacquant"). Embeddings and the LM head stay in full precision
     unless ``include_head=True``. ``options`` are further :class:`QuantConfig` fields (``init``,
     ``symmetric``, ``amplitude``, ``include_head``, ``filter``, ``format``, ``fallback``). With ``format``
-    (``"q4_0"``, ``"q4_1"``, ``"q2_k"``) the grid is that GGUF format's, bit for bit (:mod:`jacquant.formats`).
+    (``"q4_0"``, ``"q4_1"``, ``"q2_k"``) the grid is that GGUF format's, bit for bit (:mod:`jacquant.primitives.formats`).
 
     Raises ValueError/TypeError naming the layer for unsupported input (bad bits or group, a group
     that does not divide in_features, non-finite weights, no matmul to rewrite, a model already

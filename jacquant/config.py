@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
-from .formats import FORMATS
+from jacquant.primitives.formats import FORMATS
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("ste", "stableqat", "jacquant")
@@ -26,14 +26,14 @@ class QuantConfig:
             surrogate) or ``"jacquant"`` (learned group-wise Jacobian surrogate B).
         init: scale initialisation, ``"minmax"``, ``"mse"`` (clipping-ratio search) or, with a ``format``,
             ``"llama"`` (llama.cpp's own choice: a weighted least-squares search per block, see
-            :func:`jacquant.formats.init_llama`).
+            :func:`jacquant.primitives.formats.init_llama`).
         symmetric: fixed zero point 2^(b-1) (onnxruntime's default grid) instead of a fitted one.
         amplitude: StableQAT's A (0 gives STE; must stay below 1/(sqrt(2)·pi) ≈ 0.225).
         include_head: also quantize the LM head (a matmul whose weight is tied to an embedding, or
             the model's ``get_output_embeddings()``).
         filter: ``filter(name, module) -> bool``; a site is quantized only where it returns True.
             ``name`` is the site's name as :func:`jacquant.summary` prints it.
-        format: a GGUF format, ``"q4_0"``, ``"q4_1"`` or ``"q2_k"`` (:data:`jacquant.formats.FORMATS`): the
+        format: a GGUF format, ``"q4_0"``, ``"q4_1"`` or ``"q2_k"`` (:data:`jacquant.primitives.formats.FORMATS`): the
             forward fake-quant equals llama.cpp's dequantization of that format bit for bit, and the trained
             model exports to GGUF (:func:`jacquant.export.export_gguf`). It sets the bits, group and grid
             (``bits``, ``group`` and ``symmetric`` are then not used). A callable ``format(name, module)``

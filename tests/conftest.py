@@ -42,7 +42,7 @@ def assert_step_matches_eager(eager: nn.Module, other: nn.Module, run, idx: torc
                               loss_tol: tuple = (1e-5, 1e-6), grad_tol: tuple = (1e-5, 1e-6)) -> None:
     """One TinyGPT training step of ``eager`` and of ``other`` (called through ``run``, e.g. its compiled
     form): the loss and every parameter's gradient agree, the scales' gradients included. Clears the grads."""
-    from jacquant.tiny_gpt import lm_loss
+    from jacquant.testing.tiny_gpt import lm_loss
 
     def grads(model):
         out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

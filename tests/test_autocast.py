@@ -11,8 +11,8 @@ import torch.nn as nn
 
 import jacquant
 from jacquant import kernels
-from jacquant.quantizer import quantize
-from jacquant.site import sites
+from jacquant.primitives.grid import quantize
+from jacquant.qat.quantizer import sites
 
 DTYPES = [torch.bfloat16, torch.float16]
 

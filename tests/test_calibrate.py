@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import jacquant
-from jacquant.blocks import ActivationCache
-from jacquant.gptq import gptq_quantize
+from jacquant.calibration.blocks import ActivationCache
+from jacquant.primitives.gptq import gptq_quantize
 
 from conftest import tiny_llama
 

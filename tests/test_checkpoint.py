@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import jacquant
-from jacquant.checkpoint import load_checkpoint, save_checkpoint
-from jacquant.refresh import RefreshConfig, attach, step
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+from jacquant.qat.checkpoint import load_checkpoint, save_checkpoint
+from jacquant.qat.refresh import RefreshConfig, attach, step
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 
 def _fresh():

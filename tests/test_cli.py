@@ -91,7 +91,7 @@ def test_train_eval_export_round_trip(tmp_path, capsys):
     assert main(["export", model, "--out", str(out), "--onnx", str(onnx_file), "--accuracy-level", "0"]) == 0
     import onnxruntime as ort
 
-    from jacquant.app.workflow import load_trained
+    from jacquant.app.commands import load_trained
 
     m, _, _ = load_trained(model, str(out))
     x = torch.randint(0, 256, (3, 20))
@@ -134,7 +134,7 @@ def test_default_method_is_jacquant_on_every_grid_and_the_main_job_trains_the_le
     keeps training jq-shape beside it."""
     from jacquant.app.cli import build_parser
     from jacquant.app.qat import DEFAULT_JACQUANT, DEFAULT_METHODS
-    from jacquant.app.workflow import TrainArgs
+    from jacquant.app.commands import TrainArgs
 
     assert DEFAULT_JACQUANT == "jacquant" and {"jacquant", "jq-shape"} <= set(DEFAULT_METHODS)
     assert TrainArgs("m", ["a.txt"], "o").method == TrainArgs("m", ["a.txt"], "o", format="q2_k").method == "jacquant"

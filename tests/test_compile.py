@@ -6,7 +6,7 @@ import torch
 
 import jacquant
 from conftest import assert_step_matches_eager
-from jacquant.tiny_gpt import GPTConfig, TinyGPT
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT
 
 
 def test_compiled_forward_and_backward_equal_eager():
@@ -40,7 +40,7 @@ def test_compile_blocks_compiles_one_block_and_matches_eager(monkeypatch):
 
 
 def test_repeated_blocks_names_the_decoder_layers():
-    name, blocks = jacquant.compile.repeated_blocks(TinyGPT(GPTConfig(vocab_size=64, dim=64, n_layer=3)))
+    name, blocks = jacquant.qat.compile.repeated_blocks(TinyGPT(GPTConfig(vocab_size=64, dim=64, n_layer=3)))
     assert name == "blocks" and len(blocks) == 3
     with pytest.raises(ValueError, match="no nn.ModuleList"):
-        jacquant.compile.repeated_blocks(torch.nn.Linear(4, 4))
+        jacquant.qat.compile.repeated_blocks(torch.nn.Linear(4, 4))

@@ -8,8 +8,8 @@ import torch.nn as nn
 from conftest import mlp, tiny_gpt2, tiny_llama, numpy_unpack
 
 import jacquant
-from jacquant.convert import PackedWeight, convert, load_converted, packed_sites, read_metadata, save_converted
-from jacquant.tiny_gpt import GPTConfig, TinyGPT
+from jacquant.export.convert import PackedWeight, convert, load_converted, packed_sites, read_metadata, save_converted
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT
 
 
 def _logits(model, x):

@@ -22,7 +22,7 @@ DEV = "cuda"
 
 
 def _layer(bits, group, dtype, n=37):
-    from jacquant.quantizer import init_scale
+    from jacquant.primitives.grid import init_scale
 
     g = torch.Generator().manual_seed(bits * 1000 + group)
     k = 3 * group if group < 128 else 2 * group
@@ -37,7 +37,7 @@ def _layer(bits, group, dtype, n=37):
 @pytest.mark.parametrize("bits", BITS)
 def test_fake_quant_forward_kernel(bits, group, dtype):
     from jacquant.kernels import fake_quant as fq
-    from jacquant.quantizer import in_range_mask, quantize
+    from jacquant.primitives.grid import in_range_mask, quantize
 
     w, s, z = _layer(bits, group, dtype)
     q, codes, mask = fq.fake_quant_forward_triton(w, s, z, bits, group, return_codes=True, return_mask=True)
@@ -66,7 +66,7 @@ def test_fake_quant_backward_kernel(bits, dtype, rule):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_estimator_kernels(bits):
-    from jacquant import estimators
+    from jacquant.primitives import estimators
     from jacquant.kernels import estimators as est
 
     w, s, z = _layer(bits, 64, torch.float32)
@@ -82,8 +82,8 @@ def test_estimator_kernels(bits):
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_packed_linear_kernel(bits, dtype):
     from jacquant.kernels import packed_matmul as pm
-    from jacquant.packing import pack_codes
-    from jacquant.quantizer import init_scale, quantize
+    from jacquant.primitives.packing import pack_codes
+    from jacquant.primitives.grid import init_scale, quantize
 
     w = torch.randn(45, 192)
     s, z = init_scale(w, bits, 64, "minmax")
@@ -98,7 +98,7 @@ def test_packed_linear_kernel(bits, dtype):
 
 def _tiny():
     import jacquant
-    from jacquant.tiny_gpt import GPTConfig, TinyGPT
+    from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT
 
     torch.manual_seed(0)
     model = jacquant.transform(TinyGPT(GPTConfig(vocab_size=64, dim=64, n_layer=2)), bits=2, group=32).to(DEV)
@@ -124,8 +124,8 @@ def test_compile_matches_eager_on_cuda(regional):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_autocast_on_cuda_quantizes_the_fp32_weight(dtype):
     import jacquant
-    from jacquant.quantizer import quantize
-    from jacquant.tiny_gpt import lm_loss
+    from jacquant.primitives.grid import quantize
+    from jacquant.testing.tiny_gpt import lm_loss
 
     model = _tiny()
     idx = torch.randint(0, 64, (2, 16), device=DEV)

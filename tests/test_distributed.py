@@ -2,7 +2,7 @@
 
 The reference is the same training loop in this process (world size 1, the whole global batch).
 The workers refresh B with the sampled Probe estimator seeded by their rank, so B differs across
-ranks unless :func:`jacquant.distributed.sync_jac` makes it rank 0's (the reference uses seed 0).
+ranks unless :func:`jacquant.qat.distributed.sync_jac` makes it rank 0's (the reference uses seed 0).
 DDP runs with ``broadcast_buffers=False`` so that nothing but ``sync_jac`` keeps B equal.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import Shard
 
 import jacquant
-from jacquant import distributed as jd
-from jacquant import refresh as rf
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+from jacquant.qat import distributed as jd
+from jacquant.qat import refresh as rf
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 WORLD, STEPS, BATCH, SEQ, TOL = 2, 4, 8, 16, 1e-5
 CFG = GPTConfig(vocab_size=128, dim=64, n_layer=2, n_head=4, max_seq=SEQ)
@@ -248,5 +248,5 @@ def test_prepare_follows_swapped_parameters():
     lin.weight = new_w  # a parameter swap, as FSDP2's unshard does
     y = lin(torch.ones(3, CFG.dim))
     q = lin.weight_quantizer
-    want = torch.ones(3, CFG.dim) @ jacquant.quantizer.fake_quantize(new_w, q.scale, q.zero_point, 2, 32).t() + lin.bias
+    want = torch.ones(3, CFG.dim) @ jacquant.primitives.grid.fake_quantize(new_w, q.scale, q.zero_point, 2, 32).t() + lin.bias
     torch.testing.assert_close(y, want)

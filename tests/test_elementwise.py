@@ -1,4 +1,4 @@
-"""Per-element rules (jacquant.elementwise) against closed forms and independent references."""
+"""Per-element rules (jacquant.research.elementwise) against closed forms and independent references."""
 import math
 
 import numpy as np
@@ -9,10 +9,10 @@ import torch.nn as nn
 import jacquant
 from jacquant.app.qat import RECIPES, Recipe, quantize_copy, train
 from jacquant.config import QuantConfig
-from jacquant.elementwise import (ElementwiseConfig, _gauss_periodic, attach, bin_offset, cage_term, ewgs_delta,
+from jacquant.research.elementwise import (ElementwiseConfig, _gauss_periodic, attach, bin_offset, cage_term, ewgs_delta,
                                   ewgs_factor, exact_scale_grad, gaussian_slope, hutchinson_trace)
-from jacquant.quantizer import qmax, scaled
-from jacquant.site import sites
+from jacquant.primitives.grid import qmax, scaled
+from jacquant.qat.quantizer import sites
 
 
 def _model(seed=0, k=32, n=8, group=16):

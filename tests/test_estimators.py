@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import jacquant
-from jacquant.estimators import data_probe, dither, probe, probe_from_deltas, probe_mean, threshold_count
-from jacquant.quantizer import SCALE_FLOOR, in_range_mask, init_minmax, qmax
+from jacquant.primitives.estimators import data_probe, dither, probe, probe_from_deltas, probe_mean, threshold_count
+from jacquant.primitives.grid import SCALE_FLOOR, in_range_mask, init_minmax, qmax
 
 
 def _weights(n=8, k=64, group=32, bits=2, seed=0):
@@ -135,9 +135,9 @@ def test_data_probe_needs_positive_args():
 
 def test_data_dither_on_a_linear_loss_equals_the_gaussian_dithered_slope():
     """L = <C, Q(W)>: E[B̂_g] = Σ m C² D / Σ m C², D_i = Σ_k φ((τ_k − v_i)/σ)/σ (Stein's lemma, closed form)."""
-    from jacquant.elementwise import gaussian_slope
-    from jacquant.estimators import data_dither
-    from jacquant.quantizer import in_range_mask, scaled
+    from jacquant.research.elementwise import gaussian_slope
+    from jacquant.primitives.estimators import data_dither
+    from jacquant.primitives.grid import in_range_mask, scaled
 
     torch.manual_seed(0)
     model = jacquant.transform(nn.Sequential(nn.Linear(16, 2, bias=False)), bits=2, group=8, method="ste")
@@ -157,7 +157,7 @@ def test_data_dither_on_a_linear_loss_equals_the_gaussian_dithered_slope():
 
 
 def test_data_dither_through_refresh_needs_a_loss():
-    from jacquant.refresh import RefreshConfig, attach, refresh
+    from jacquant.qat.refresh import RefreshConfig, attach, refresh
 
     model = jacquant.transform(nn.Sequential(nn.Linear(16, 4)), bits=2, group=8)
     attach(model, RefreshConfig(estimator="data_dither", width=0.5, n_probes=2))

@@ -9,13 +9,13 @@ from onnx import TensorProto, numpy_helper
 
 import jacquant
 from jacquant.export import export_onnx
-from jacquant.tiny_gpt import GPTConfig, TinyGPT
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT
 
 ort = pytest.importorskip("onnxruntime")
 
-# max |y_ort - y_torch| / max |y_torch|: fp32 activations (level 0; and the standard-op graph with
-# onnxruntime's DQ+MatMul fusion set to level 0) vs int8 activations per block (level 4)
-TOL = {0: 1e-4, 4: 3e-2}
+# max |y_ort - y_torch| / max |y_torch| with fp32 activations (level 0; and the standard-op graph with
+# onnxruntime's DQ+MatMul fusion set to level 0): summation order only, on any CPU
+TOL = 1e-4
 
 
 def _session(path: str, dq_level: int = 0):
@@ -32,6 +32,26 @@ def _torch_out(model, x):
 
 def _rel_err(y, ref):
     return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def _int8_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., K] rounded as MatMulNBits' accuracy_level 4 rounds its input A: per block of the weight's group along
+    K, x̂ = (max|x|/127)·round(x·127/max|x|)."""
+    xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    top = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(top == 0, torch.zeros_like(top), 127.0 / top)
+    return ((xb * inv).round() * (top / 127)).reshape(x.shape)
+
+
+def _torch_out_int8(model, x, group: int):
+    """The model's output with every quantized matmul's input rounded to int8 per block (:func:`_int8_rounded`)."""
+    owners = {id(s.owner): s.owner for s in jacquant.sites(model)}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: (_int8_rounded(a[0], group), *a[1:])) for m in owners.values()]
+    try:
+        return _torch_out(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 
@@ -91,7 +111,15 @@ def test_onnxruntime_matches_fake_quant_with_exact_codes(tmp_path, name, target,
     sess = _session(path)
     for x in (example, other):  # dynamic batch and sequence length
         y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-        assert _rel_err(y, _torch_out(model, x)) < TOL[level]
+        exact = _torch_out(model, x)
+        if level == 0:
+            assert _rel_err(y, exact) < TOL
+        else:
+            # int8 activations: which kernel runs (int8 per block, or fp32 where the CPU or the bit width has no int8
+            # kernel) depends on the CPU, so the bound is the rounding's own size, measured on this input: twice
+            # its effect in PyTorch (on an AVX2 CPU onnxruntime's 4-bit kernel matches it to 1e-6; its 2-bit one
+            # runs fp32)
+            assert _rel_err(y, exact) < 2 * _rel_err(_torch_out_int8(model, x, 16), exact) + TOL
     expected = _expected_codes(model)
     got = _codes_from_onnx(proto)
     assert got.keys() == expected.keys()

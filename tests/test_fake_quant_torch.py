@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from jacquant.kernels import fake_quant_torch as ft
-from jacquant.quantizer import fake_quantize, init_minmax
-from jacquant.surrogates import lsq_scale_grad, weight_grad
+from jacquant.primitives.grid import fake_quantize, init_minmax
+from jacquant.primitives.surrogates import lsq_scale_grad, weight_grad
 
 CASES = list(itertools.product((2, 3, 4, 8), (32, -1), (torch.float32, torch.bfloat16, torch.float16, torch.float64)))
 

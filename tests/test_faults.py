@@ -11,10 +11,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import jacquant
-from jacquant.faults import NonFiniteWarning, first_nonfinite, nonfinite_flags, step_tensors
-from jacquant.optim import MarsAdamW, scale_updates_by_b
-from jacquant.quantizer import SCALE_FLOOR
-from jacquant.site import sites
+from jacquant.qat.guard import NonFiniteWarning, first_nonfinite, nonfinite_flags, step_tensors
+from jacquant.qat.optim import MarsAdamW, scale_updates_by_b
+from jacquant.primitives.grid import SCALE_FLOOR
+from jacquant.qat.quantizer import sites
 
 
 def _model(seed=0):
@@ -94,7 +94,7 @@ def test_finite_model_passes_and_huge_finite_values_are_not_flagged():
 def _run(opt_factory, bad_at=None, guarded=True, update_scaling=False, steps=5):
     """Train ``steps`` good batches; with ``bad_at`` a poisoned batch is inserted before good batch ``bad_at``."""
     model = _model()
-    jacquant.refresh.attach(model, jacquant.RefreshConfig(refresh_every=2))
+    jacquant.qat.refresh.attach(model, jacquant.RefreshConfig(refresh_every=2))
     inner = opt_factory(model.parameters())
     opt = jacquant.guard(inner, model, on_nonfinite="skip_step") if guarded else inner
     if update_scaling:

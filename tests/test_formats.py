@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 
 import jacquant
-from jacquant import formats
-from jacquant.gguf_blocks import GGUFWeight, dequantize, pack_q4_0, row_bytes
-from jacquant.quantizer import fake_quantize_affine
-from jacquant.site import AffineQuantizer, WeightQuantizer, sites
-from jacquant.surrogates import backward_affine
+from jacquant.primitives import formats
+from jacquant.export.gguf_blocks import GGUFWeight, dequantize, pack_q4_0, row_bytes
+from jacquant.primitives.grid import fake_quantize_affine
+from jacquant.qat.quantizer import AffineQuantizer, WeightQuantizer, sites
+from jacquant.primitives.surrogates import backward_affine
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jacquant
-from jacquant.packing import pack_codes, pack_rows, pack_zero_points, unpack_codes, unpack_rows, unpack_zero_points
-from jacquant.quantizer import SCALE_FLOOR, dequantize, fake_quantize, group_size, init_scale, qmax, quantize
+from jacquant.primitives.packing import pack_codes, pack_rows, pack_zero_points, unpack_codes, unpack_rows, unpack_zero_points
+from jacquant.primitives.grid import SCALE_FLOOR, dequantize, fake_quantize, group_size, init_scale, qmax, quantize
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}

@@ -10,9 +10,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from jacquant.app import gguf as jg  # noqa: E402
+from jacquant.app import models as jg  # noqa: E402
 from jacquant.app.cli import main  # noqa: E402
-from jacquant.app.workflow import load_model  # noqa: E402
+from jacquant.app.models import load_model  # noqa: E402
 
 N_HEAD, N_KV, HIDDEN, FFN, LAYERS = 4, 2, 64, 96, 2
 
@@ -150,7 +150,7 @@ def test_real_smollm2_predicts_english_and_its_w2_rtn_copy_does_not():
     import jacquant
     from jacquant.app import lm_track
 
-    model, tok, _ = lm_track.load_fp(log=lambda *_: None)
+    model, tok, _ = jg.load_fp(log=lambda *_: None)
     text = ("The history of the city goes back more than two thousand years. It was founded on the banks of a "
             "river, where merchants met to trade grain, salt and cloth. Over the centuries it grew into one of "
             "the largest ports in the region, and today it is known for its old town, its museums and its "

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from jacquant.gptq import gptq_quantize, output_error
-from jacquant.quantizer import fake_quantize, init_scale, qmax
+from jacquant.primitives.gptq import gptq_quantize, output_error
+from jacquant.primitives.grid import fake_quantize, init_scale, qmax
 
 
 def _sequential_least_squares(w, x, scale, zero, bits):

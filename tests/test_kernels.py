@@ -16,10 +16,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from jacquant import estimators as lib_estimators  # noqa: E402
+from jacquant.primitives import estimators as lib_estimators  # noqa: E402
 from jacquant.kernels import estimators as est, fake_quant as fq, packed_matmul as pm, triton_util  # noqa: E402
-from jacquant.packing import pack_codes  # noqa: E402
-from jacquant.quantizer import in_range_mask, init_scale, quantize  # noqa: E402
+from jacquant.primitives.packing import pack_codes  # noqa: E402
+from jacquant.primitives.grid import in_range_mask, init_scale, quantize  # noqa: E402
 
 BITS = (2, 4, 8)
 GROUPS = (32, 64, 128)

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 import jacquant  # noqa: F401  (registers the ops)
-from jacquant.quantizer import fake_quantize, init_mse
-from jacquant.surrogates import lsq_scale_grad, weight_grad
+from jacquant.primitives.grid import fake_quantize, init_mse
+from jacquant.primitives.surrogates import lsq_scale_grad, weight_grad
 
 
 def _inputs(bits=2, group=32, bias=True):

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 import jacquant
-from jacquant.optim import MarsAdamW, expand_b, scale_updates_by_b
-from jacquant.site import sites
+from jacquant.qat.optim import MarsAdamW, expand_b, scale_updates_by_b
+from jacquant.qat.quantizer import sites
 
 
 def _mlp(method="jacquant", seed=0):
@@ -122,7 +122,7 @@ def test_mars_bad_args_name_the_field():
 
 def test_vr_momentum_two_steps_closed_form():
     """c1 = g1, c2 = g2 + γβ/(1−β)(g2 − g1); m̂ bias-corrected; step = −lr·m̂/rms(m̂) per tensor."""
-    from jacquant.optim import VRMomentum
+    from jacquant.qat.optim import VRMomentum
 
     p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     opt = VRMomentum([p], lr=0.1, beta=0.9, gamma=0.5)

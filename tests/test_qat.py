@@ -4,7 +4,7 @@ import torch
 
 import jacquant
 from jacquant.app import qat
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 
 def _setup():
@@ -50,7 +50,7 @@ def test_update_placement_differs_from_ste_only_through_b():
     _, ste = _run(qat.RECIPES["ste"], model, batches)
     recipe = qat.RECIPES["jacquant"]
     q = qat.quantize_copy(model, recipe, jacquant.QuantConfig(bits=2, group=32))
-    jacquant.refresh.attach(q, jacquant.RefreshConfig(lam=0.0))
+    jacquant.qat.refresh.attach(q, jacquant.RefreshConfig(lam=0.0))
     opt = qat.make_optimizer(q, recipe, 3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, qat.cosine(len(batches)))
     curve = []
@@ -69,7 +69,7 @@ def test_rtn_is_the_initial_grid_and_unknown_methods_are_errors():
     model, _ = _setup()
     q = qat.quantize_copy(model, qat.RECIPES["rtn"], jacquant.QuantConfig(bits=2, group=32))
     s = next(jacquant.sites(q))
-    scale, zp = jacquant.quantizer.init_scale(s.quantizer.as_nk(s.weight.detach()), 2, 32, "mse")
+    scale, zp = jacquant.primitives.grid.init_scale(s.quantizer.as_nk(s.weight.detach()), 2, 32, "mse")
     assert torch.equal(s.quantizer.scale.detach(), scale) and torch.equal(s.quantizer.zero_point, zp)
     with pytest.raises(ValueError, match="unknown method"):
         qat.recipes(["ste", "nope"])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from jacquant.quantizer import dequantize, fake_quantize, init_minmax, init_mse, init_scale, quantize
+from jacquant.primitives.grid import dequantize, fake_quantize, init_minmax, init_mse, init_scale, quantize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -3,11 +3,11 @@ import torch
 import torch.nn as nn
 
 import jacquant
-from jacquant import refresh as rf
-from jacquant.estimators import dither
-from jacquant.refresh import RefreshConfig, attach, smooth, step
-from jacquant.site import sites
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+from jacquant.qat import refresh as rf
+from jacquant.primitives.estimators import dither
+from jacquant.qat.refresh import RefreshConfig, attach, smooth, step
+from jacquant.qat.quantizer import sites
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 
 def _mlp(method="jacquant", seed=0):

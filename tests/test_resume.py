@@ -7,7 +7,7 @@ import torch
 import jacquant
 from jacquant.app import data
 from jacquant.app.qat import RECIPES, quantize_copy, train
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 
 class Killed(Exception):

@@ -1,4 +1,4 @@
-"""The learned-shape family (jacquant.shape) against independent references: Dither's closed-form coefficients
+"""The learned-shape family (jacquant.research.shape) against independent references: Dither's closed-form coefficients
 against the numerical Fourier series of the periodic Gaussian slope, StableQAT's amplitude recovered from its
 projection, and Probe's regression recovering the secant slope of ±δ probes on a loss linear in Q(W)."""
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import jacquant
-from jacquant import shape
-from jacquant.elementwise import ElementwiseConfig, _gauss_periodic, attach, bin_offset
-from jacquant.site import sites
+from jacquant.research import shape
+from jacquant.research.elementwise import ElementwiseConfig, _gauss_periodic, attach, bin_offset
+from jacquant.qat.quantizer import sites
 
 R = torch.linspace(-0.5, 0.5, 2001)
 
@@ -73,7 +73,7 @@ def test_scale_by_shape_multiplies_by_the_series_at_the_bin_offset_eager_and_fus
     want = grad.double() * (1 + (ak * torch.cos(2 * math.pi * torch.arange(1, 4) * r)).sum(-1)).reshape(n, k_)
     eager, fused = grad.clone().t().contiguous().t(), grad.clone().t().contiguous().t()
     assert shape.scale_by_shape_(eager, w, s, z, grp, a) is eager
-    fused_cpu.scale_by_shape_(fused, w, s, z, grp, a)
+    fused_cpu.run("scale_by_shape", shape.scale_by_shape_, fused, w, s, z, grp, a)
     torch.testing.assert_close(eager.double(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused.double(), want, rtol=0, atol=1e-5)
     assert not fused_cpu._state["failed"]
@@ -195,7 +195,7 @@ def test_hook_seconds_are_the_pre_and_post_hook_intervals_of_each_step(monkeypat
     update) is counted."""
     import types
 
-    import jacquant.elementwise as ew
+    import jacquant.research.elementwise as ew
     ticks = iter([0.0, 1.5, 10.0, 10.25,   # step 0: pre hook 1.5 s, post hook 0.25 s
                   20.0, 22.0, 30.0, 30.5])  # step 1: pre hook 2 s, post hook 0.5 s
     monkeypatch.setattr(ew, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))

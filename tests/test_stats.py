@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 
 import jacquant
-from jacquant import refresh
-from jacquant.plot import plot
-from jacquant.site import sites
-from jacquant.stats import StatsLogger, aggregate, stats
+from jacquant.qat import refresh
+from jacquant.qat.plot import plot
+from jacquant.qat.quantizer import sites
+from jacquant.qat.stats import StatsLogger, aggregate, stats
 
 
 def _model():
@@ -86,9 +86,9 @@ def test_logger_writes_jsonl_and_plot_draws_png(tmp_path):
 
 
 def test_codes_moved_counts_the_codes_that_changed_across_sites():
-    """jacquant.stats.model_codes / codes_moved against a hand count: nudging 3 weights of one site across a
+    """jacquant.qat.stats.model_codes / codes_moved against a hand count: nudging 3 weights of one site across a
     threshold (by one bin) and none of the other changes exactly 3 of all codes."""
-    from jacquant.stats import codes_moved, model_codes
+    from jacquant.qat.stats import codes_moved, model_codes
 
     torch.manual_seed(0)
     model = jacquant.transform(nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 8)), bits=2, group=16)

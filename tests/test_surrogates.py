@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from jacquant.quantizer import init_mse, qmax
-from jacquant.surrogates import lsq_scale_grad, stableqat_factor, weight_grad
+from jacquant.primitives.grid import init_mse, qmax
+from jacquant.primitives.surrogates import lsq_scale_grad, stableqat_factor, weight_grad
 
 
 def lsq_autograd_reference(w, s, z, bits, group, grad_q):
@@ -87,7 +87,7 @@ def test_unknown_rule_is_refused():
 
 @pytest.mark.parametrize("rule", ["ste", "jacquant", "stableqat"])
 def test_backward_equals_the_two_gradients_computed_apart(rule):
-    from jacquant.surrogates import backward
+    from jacquant.primitives.surrogates import backward
 
     w = torch.randn(8, 128)
     s, z = init_mse(w, 2, 64)

@@ -5,8 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import jacquant
-from jacquant.quantizer import fake_quantize
-from jacquant.tiny_gpt import GPTConfig, TinyGPT, lm_loss
+from jacquant.primitives.grid import fake_quantize
+from jacquant.testing.tiny_gpt import GPTConfig, TinyGPT, lm_loss
 
 from conftest import mlp, tiny_gpt2, tiny_llama
 

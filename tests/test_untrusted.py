@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 
 import jacquant
-from jacquant.convert import check_safetensors_layout, read_metadata
+from jacquant.export.convert import check_safetensors_layout, read_metadata
 from jacquant.export import export_onnx, load_onnx
 
 ort = pytest.importorskip("onnxruntime")

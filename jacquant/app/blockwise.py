@@ -12,7 +12,7 @@ the per-element hooks), so the methods compare here as they do end to end; then 
 q_block_i(X_i^q) and X_{i+1}^fp = Y_i. With quantized inputs a block also learns to undo the error
 of the blocks before it (as EfficientQAT's Block-AP and OmniQuant do).
 
-Memory: three activation caches of [windows, T, d] float32 (:class:`jacquant.blocks.ActivationCache`,
+Memory: three activation caches of [windows, T, d] float32 (:class:`jacquant.calibration.blocks.ActivationCache`,
 memory-mapped past their budget). Resumable: after each block the model's state and the block index
 are saved in ``checkpoint_dir`` (the block in progress has its own training checkpoint there), and a
 rerun replays the finished blocks forward to rebuild the caches, then continues.
@@ -28,10 +28,10 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from ..blocks import ActivationCache, BlockInputs, capture_inputs, find_blocks
-from ..calibrate import default_run
-from ..refresh import detach
-from .qat import Recipe, train
+from jacquant.calibration.blocks import ActivationCache, BlockInputs, capture_inputs, find_blocks
+from jacquant.calibration.gptq import default_run
+from jacquant.qat.refresh import detach
+from jacquant.app.qat import Recipe, train
 
 INPUTS = ("quantized", "fp")
 LOSSES = ("mse", "channel")

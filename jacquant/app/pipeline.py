@@ -22,13 +22,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..api import transform
-from ..calibrate import calibrate
-from ..config import QuantConfig
-from ..site import sites
-from . import data
-from .blockwise import BlockwiseConfig, train_blocks
-from .qat import Recipe, train
+from jacquant.api import transform
+from jacquant.calibration.gptq import calibrate
+from jacquant.config import QuantConfig
+from jacquant.qat.quantizer import sites
+from jacquant.app import data
+from jacquant.app.blockwise import BlockwiseConfig, train_blocks
+from jacquant.app.qat import Recipe, train
 
 STARTS = ("rtn", "gptq")
 E2E_PARAMS = ("all", "scales")

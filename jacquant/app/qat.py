@@ -28,17 +28,17 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from ..api import transform
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import QuantConfig
-from ..faults import guard
-from ..site import sites
-from ..elementwise import ElementwiseConfig
-from ..elementwise import attach as attach_elementwise
-from ..optim import MarsAdamW, VRMomentum, scale_updates_by_b
-from ..refresh import RefreshConfig, attach
-from ..refresh import step as refresh_step
-from ..stats import StatsLogger
+from jacquant.api import transform
+from jacquant.qat.checkpoint import load_checkpoint, save_checkpoint
+from jacquant.config import QuantConfig
+from jacquant.qat.guard import guard
+from jacquant.qat.quantizer import sites
+from jacquant.research.elementwise import ElementwiseConfig
+from jacquant.research.elementwise import attach as attach_elementwise
+from jacquant.qat.optim import MarsAdamW, VRMomentum, scale_updates_by_b
+from jacquant.qat.refresh import RefreshConfig, attach
+from jacquant.qat.refresh import step as refresh_step
+from jacquant.qat.stats import StatsLogger
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,10 @@ class Recipe:
         estimator: for rule "jacquant", the B estimator ("dither", "probe", "data_probe").
         placement: for rule "jacquant", where B enters: "update" (after AdamW's preconditioning)
             or "grad" (in the op's backward).
-        optimizer: "adamw" or "mars" (:class:`jacquant.optim.MarsAdamW`).
+        optimizer: "adamw" or "mars" (:class:`jacquant.qat.optim.MarsAdamW`).
         width: the estimator's width in scale units (Dither's h, Probe's δ).
         train: False for RTN.
-        elementwise: a per-element rule around the optimizer (:mod:`jacquant.elementwise`; rule "ste" sites).
+        elementwise: a per-element rule around the optimizer (:mod:`jacquant.research.elementwise`; rule "ste" sites).
     """
 
     name: str
@@ -102,7 +102,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("jq-gauss-sharp", elementwise=ElementwiseConfig(rule="gauss", sigma=0.15)),
     # control: StableQAT's own factor through the same hook (is it the factor's shape or where it is applied?)
     Recipe("ste-fourier-hook", elementwise=ElementwiseConfig(rule="fourier")),
-    # issue 21: the learned shape B(r) = 1 + Σ a_k cos 2πk r (jacquant.shape) and StableQAT's shape with a fitted A
+    # issue 21: the learned shape B(r) = 1 + Σ a_k cos 2πk r (jacquant.research.shape) and StableQAT's shape with a fitted A
     Recipe("jq-shape-fixed", elementwise=ElementwiseConfig(rule="shape", n_basis=3)),  # control: StableQAT's, 3 terms
     Recipe("jq-shape", elementwise=ElementwiseConfig(rule="shape", fit="dither", refresh_every=10)),
     Recipe("jq-shape-group", elementwise=ElementwiseConfig(rule="shape", fit="dither", per="group", refresh_every=10)),
@@ -147,7 +147,7 @@ def quantize_copy(model: nn.Module, recipe: Recipe, config: QuantConfig, example
 
 def make_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
     """AdamW or MARS-AdamW over every trainable parameter (weights, biases, scales), no weight decay;
-    for JacQuant with ``placement="update"``, hooked by :func:`jacquant.optim.scale_updates_by_b`."""
+    for JacQuant with ``placement="update"``, hooked by :func:`jacquant.qat.optim.scale_updates_by_b`."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = MarsAdamW(params, lr=lr, weight_decay=0.0) if recipe.optimizer == "mars" else \
         VRMomentum(params, lr=lr) if recipe.optimizer == "vrm" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

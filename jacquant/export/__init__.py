@@ -1,15 +1,26 @@
-"""Export quantized models: ONNX with integer weights (``ort`` MatMulNBits or standard ``onnx`` ops),
-and a KV-cache decoder for Llama-family LMs with :func:`generate` to run it in onnxruntime; a GGUF file for
-llama.cpp (:func:`export_gguf`) with :mod:`jacquant.export.llamacpp` to run and measure it.
+"""The packed integer model and the runtimes that run it.
+
+``convert`` turns a trained model's fake-quant sites into packed integer weights (:func:`jacquant.convert`;
+``gguf_blocks`` holds GGUF's block bytes). From there: ONNX with integer weights (``ort`` MatMulNBits or
+standard ``onnx`` ops) and a KV-cache decoder for Llama-family LMs with :func:`generate` to run it in
+onnxruntime; a GGUF file for llama.cpp (:func:`export_gguf`) with :mod:`jacquant.export.llamacpp` to run and
+measure it.
 
 Modules, top-down: ``onnx`` (export_onnx) uses ``decoder`` (the KV-cache graph), both use ``lower``
 (MatMulNBits / DequantizeLinear lowering) and ``validate``; ``generation`` runs decoders; ``gguf`` writes
-GGUF files; ``llamacpp`` runs them (llama-cpp-python, imported on use)."""
-from .decoder import export_decoder
-from .generation import Decoder, Generation, generate
-from .gguf import export_gguf
-from .onnx import export_onnx
-from .validate import check_onnx, load_onnx
+GGUF files; ``llamacpp`` runs them (llama-cpp-python, imported on use). The names below import on first use,
+so that ``jacquant.export.convert`` needs neither onnx nor gguf."""
+import importlib
 
-__all__ = ["Decoder", "Generation", "check_onnx", "export_decoder", "export_gguf", "export_onnx", "generate",
-           "load_onnx"]
+_NAMES = {
+    "Decoder": "generation", "Generation": "generation", "generate": "generation",
+    "check_onnx": "validate", "load_onnx": "validate",
+    "export_decoder": "decoder", "export_gguf": "gguf", "export_onnx": "onnx",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"jacquant.export.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'jacquant.export' has no attribute {name!r}")

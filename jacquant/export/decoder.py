@@ -42,12 +42,12 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from ..convert import PackedWeight, converted_copy
-from ..packing import pack_codes, pack_zero_points, unpack_codes
-from ..quantizer import init_minmax, quantize
-from ..site import WeightQuantizer
-from .lower import ACCURACY_LEVELS, MAX_PROTO_BYTES, ONNX_INT_TYPES, _int_tensor
-from .validate import check_onnx
+from jacquant.export.convert import PackedWeight, converted_copy
+from jacquant.primitives.packing import pack_codes, pack_zero_points, unpack_codes
+from jacquant.primitives.grid import init_minmax, quantize
+from jacquant.qat.quantizer import WeightQuantizer
+from jacquant.export.lower import ACCURACY_LEVELS, MAX_PROTO_BYTES, ONNX_INT_TYPES, _int_tensor
+from jacquant.export.validate import check_onnx
 
 MS = "com.microsoft"
 OPSET = 23
@@ -101,7 +101,7 @@ def rtn_linear(w: np.ndarray, bits: int, group: int) -> Linear:
     """Round-to-nearest b-bit codes of W [N, K] per group of G along K with min-max scales.
 
     s = (hi - lo)/(2^b - 1), z = round(-lo/s) with lo/hi the group's min/max widened to contain 0;
-    c = clamp(round(W/s + z), 0, 2^b - 1) (:func:`jacquant.quantizer.init_minmax`, ``quantize``).
+    c = clamp(round(W/s + z), 0, 2^b - 1) (:func:`jacquant.primitives.grid.init_minmax`, ``quantize``).
     """
     wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     s, z = init_minmax(wt, bits, group)

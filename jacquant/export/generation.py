@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .decoder import META_FILE, load_metadata
+from jacquant.export.decoder import META_FILE, load_metadata
 
 
 @dataclass

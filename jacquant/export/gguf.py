@@ -5,8 +5,8 @@
 What goes in (Hugging Face Llama-family causal LMs, llama.cpp architecture ``llama``):
 
 * every quantized site as its format's block bytes, packed from the trained codes and fp16 values
-  (:mod:`jacquant.gguf_blocks`; nothing is re-quantized): Q4_1 and Q2_K from their
-  :class:`~jacquant.gguf_blocks.GGUFWeight`, Q4_0 from a PackedWeight whose grid is Q4_0's (4 bits, group 32,
+  (:mod:`jacquant.export.gguf_blocks`; nothing is re-quantized): Q4_1 and Q2_K from their
+  :class:`~jacquant.export.gguf_blocks.GGUFWeight`, Q4_0 from a PackedWeight whose grid is Q4_0's (4 bits, group 32,
   zero point 8, fp16 scales). A site on any other grid is an error naming the layer;
 * the other tensors (embedding, norms, an untied head): the source GGUF's own bytes where they hold exactly
   the model's values, else ``head`` (``"q8_0"``, ``"f16"``, ``"f32"``) for the embedding and head and F32
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..convert import PackedWeight, converted_copy, packed_sites
-from ..formats import FORMATS
-from ..gguf_blocks import GGUFWeight, pack_q4_0
+from jacquant.export.convert import PackedWeight, converted_copy, packed_sites
+from jacquant.primitives.formats import FORMATS
+from jacquant.export.gguf_blocks import GGUFWeight, pack_q4_0
 
 HEADS = ("q8_0", "f16", "f32")
 ARCHS = {"llama": "llama", "mistral": "llama"}  # Hugging Face model_type -> llama.cpp architecture

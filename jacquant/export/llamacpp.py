@@ -165,7 +165,7 @@ class LlamaCppActivations:
 def activation_kinds(model: torch.nn.Module, head: Optional[str] = None) -> dict[str, str]:
     """{module path: activation rounding} for every GGUF-format site of a transformed model (and the LM head when
     ``head`` is a quantized type such as ``"q8_0"``)."""
-    from ..site import sites
+    from jacquant.qat.quantizer import sites
 
     kinds = {}
     for s in sites(model):
@@ -186,7 +186,7 @@ def generate(path: str, prompt: Union[str, list[int]], max_new_tokens: int = 64,
     ``prefill_seconds`` the prompt's run, ``decode_tokens_per_second`` one-token runs per second. Greedy at
     ``temperature`` 0, else sampled from llama.cpp's last logits by :func:`jacquant.export.generation.next_token`.
     ``chat`` applies the file's chat template (``tokenizer.chat_template``) to one user turn."""
-    from .generation import Generation, next_token
+    from jacquant.export.generation import Generation, next_token
 
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be at least 1")

@@ -21,7 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..packing import pack_rows, pack_zero_points, unpack_codes
+from jacquant.primitives.packing import pack_rows, pack_zero_points, unpack_codes
 
 DOMAIN = "jacquant"
 OP_TYPE = "PackedLinear"

@@ -6,9 +6,9 @@ In v-units v = w/s + z the decision thresholds are τ_k = k + 1/2, k = 0 .. 2^b 
              k from floor(v - (h+1)/2) + 1 to floor(v + (h-1)/2), cut to [0, 2^b - 2]
     Probe    B̂_g = mean_{i in g} [Q(w_i + δ_i) - Q(w_i - δ_i)] / (2δ_i)       (δ in weight units)
 
-The half-open window is :func:`jacquant.estimators.threshold_count`'s (a weight on a grid point
+The half-open window is :func:`jacquant.primitives.estimators.threshold_count`'s (a weight on a grid point
 sees one threshold at h = 1). Each kernel owns whole groups (rows of the [N·K/G, G] view of W),
-like the fake-quant kernels; the torch references are :mod:`jacquant.estimators`' pure functions.
+like the fake-quant kernels; the torch references are :mod:`jacquant.primitives.estimators`' pure functions.
 """
 from __future__ import annotations
 
@@ -17,22 +17,22 @@ import math
 import torch
 from torch import Tensor
 
-from .. import estimators
-from ..quantizer import SCALE_FLOOR, qmax
-from .fake_quant import _blocks, _group_rows
-from .triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
+from jacquant.primitives import estimators
+from jacquant.primitives.grid import SCALE_FLOOR, qmax
+from jacquant.kernels.fake_quant import _blocks, _group_rows
+from jacquant.kernels.triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
 
 
 # ----------------------------------------------------------------------------- torch references
 def dither_reference(w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: int, h: float) -> Tensor:
-    """:func:`jacquant.estimators.dither`: B̂ [N, K/G] fp32."""
+    """:func:`jacquant.primitives.estimators.dither`: B̂ [N, K/G] fp32."""
     return estimators.dither(w, scale, zero_point, bits, group, h)
 
 
 def probe_from_deltas_reference(
     w: Tensor, scale: Tensor, zero_point: Tensor, bits: int, group: int, delta: Tensor
 ) -> Tensor:
-    """:func:`jacquant.estimators.probe_from_deltas`: B̂ [N, K/G] fp32."""
+    """:func:`jacquant.primitives.estimators.probe_from_deltas`: B̂ [N, K/G] fp32."""
     return estimators.probe_from_deltas(w, scale, zero_point, bits, group, delta)
 
 

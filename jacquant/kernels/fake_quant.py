@@ -1,6 +1,6 @@
 """Fake quantization forward and surrogate backward: Triton kernels, launchers and dispatch.
 
-The torch reference is the pure math of :mod:`jacquant.quantizer` and :mod:`jacquant.surrogates`;
+The torch reference is the pure math of :mod:`jacquant.primitives.grid` and :mod:`jacquant.primitives.surrogates`;
 every other device runs :mod:`jacquant.kernels.fake_quant_torch` (the same operations, in place, equal
 bit for bit), for plain CPU tensors in eager compiled alone into one fused loop (:mod:`jacquant.kernels.fused_cpu`). The Triton kernels below run for CUDA tensors and are tested against the reference (on CPU under
 ``TRITON_INTERPRET=1``). Both kernels view a contiguous W [N, K] as R = N·K/G group rows of G
@@ -20,10 +20,12 @@ import math
 import torch
 from torch import Tensor
 
-from .. import quantizer, surrogates
-from ..quantizer import SCALE_FLOOR, group_size, qmax
-from . import fake_quant_torch, fused_cpu
-from .triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
+from jacquant.primitives import grid as quantizer
+
+from jacquant.primitives import surrogates
+from jacquant.primitives.grid import SCALE_FLOOR, group_size, qmax
+from jacquant.kernels import fake_quant_torch, fused_cpu
+from jacquant.kernels.triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
 
 RULE_IDS = {"ste": 0, "jacquant": 1, "stableqat": 2}
 
@@ -78,7 +80,7 @@ def affine_backward(
     grad_q: Tensor, w: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor,
     bits: int, group: int, rule: str, amplitude: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dw, dL/ds, dL/dm) of the scale-and-min grid (:func:`jacquant.surrogates.backward_affine`)."""
+    """(dL/dw, dL/ds, dL/dm) of the scale-and-min grid (:func:`jacquant.primitives.surrogates.backward_affine`)."""
     if fused_cpu.usable(grad_q, w, scale, minimum, jac):
         return fused_cpu.affine_backward(grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)
     return fake_quant_torch.affine_backward(grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)

@@ -1,7 +1,7 @@
 """Fake quantization forward and surrogate backward in torch, for every tensor Triton does not take (CPU).
 
-The same operations as the references (:func:`jacquant.quantizer.fake_quantize`,
-:func:`jacquant.surrogates.backward`) in the same order, so the results are equal bit for bit, but
+The same operations as the references (:func:`jacquant.primitives.grid.fake_quantize`,
+:func:`jacquant.primitives.surrogates.backward`) in the same order, so the results are equal bit for bit, but
 written into as few fresh tensors as possible: every weight-sized temporary of the reference is a
 new allocation, and on CPU a fresh multi-megabyte tensor costs its page faults (on SmolLM2-135M the
 reference's forward took ~60x the time of this one on the same weight, almost all of it in the
@@ -26,12 +26,12 @@ import math
 import torch
 from torch import Tensor
 
-from ..quantizer import SCALE_FLOOR, grouped, qmax
-from ..surrogates import RULES, stableqat_factor
+from jacquant.primitives.grid import SCALE_FLOOR, grouped, qmax
+from jacquant.primitives.surrogates import RULES, stableqat_factor
 
 
 def _grid(w: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[torch.dtype, Tensor, Tensor]:
-    """(compute dtype, s [N, K/G, 1] floored, z [N, K/G, 1]) as in :func:`jacquant.quantizer.scaled`."""
+    """(compute dtype, s [N, K/G, 1] floored, z [N, K/G, 1]) as in :func:`jacquant.primitives.grid.scaled`."""
     dt = torch.promote_types(w.dtype, torch.float32)
     return dt, scale.to(dt).clamp_min(SCALE_FLOOR).unsqueeze(-1), zero_point.to(dt).unsqueeze(-1)
 
@@ -49,7 +49,7 @@ def fake_quant_backward(
     grad_q: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, jac: Tensor,
     bits: int, group: int, rule: str, amplitude: float,
 ) -> tuple[Tensor, Tensor]:
-    """(dL/dw [N, K] in w's dtype, dL/ds [N, K/G] in scale's dtype), equal to :func:`jacquant.surrogates.backward`.
+    """(dL/dw [N, K] in w's dtype, dL/ds [N, K/G] in scale's dtype), equal to :func:`jacquant.primitives.surrogates.backward`.
 
     dL/dw = f·m·dL/dq with f = 1 (ste), B_g (jacquant), (1 - S)/(1 + S) (stableqat);
     dL/ds_g = γ·sum_{i in g} dL/dq_i·((c_i - z) - m_i·(v_i - z)), γ = 1/sqrt(G·(2^b - 1)).
@@ -75,7 +75,7 @@ def fake_quant_backward(
 
 # ----------------------------------------------------------------------------- scale-and-min grid (GGUF Q4_1, Q2_K)
 def _affine_grid(w: Tensor, scale: Tensor, minimum: Tensor) -> tuple[torch.dtype, Tensor, Tensor]:
-    """(compute dtype, s [N, K/G, 1] floored, m [N, K/G, 1]) as in :func:`jacquant.quantizer.scaled_affine`."""
+    """(compute dtype, s [N, K/G, 1] floored, m [N, K/G, 1]) as in :func:`jacquant.primitives.grid.scaled_affine`."""
     dt = torch.promote_types(w.dtype, torch.float32)
     return dt, scale.to(dt).clamp_min(SCALE_FLOOR).unsqueeze(-1), minimum.to(dt).unsqueeze(-1)
 
@@ -85,7 +85,7 @@ def affine_forward(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: 
 
         Q = ((w - m) / s).round().clamp(0, 2^b - 1) · s + m
 
-    equal to :func:`jacquant.quantizer.fake_quantize_affine` bit for bit (c·s = s·c in IEEE arithmetic)."""
+    equal to :func:`jacquant.primitives.grid.fake_quantize_affine` bit for bit (c·s = s·c in IEEE arithmetic)."""
     dt, s, m = _affine_grid(w, scale, minimum)
     q = torch.sub(grouped(w.to(dt), group), m)
     q.div_(s).round_().clamp_(0, qmax(bits)).mul_(s).add_(m)
@@ -96,7 +96,7 @@ def affine_backward(
     grad_q: Tensor, w: Tensor, scale: Tensor, minimum: Tensor, jac: Tensor,
     bits: int, group: int, rule: str, amplitude: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dL/dw, dL/ds, dL/dm), equal to :func:`jacquant.surrogates.backward_affine`:
+    """(dL/dw, dL/ds, dL/dm), equal to :func:`jacquant.primitives.surrogates.backward_affine`:
 
         v = (w - m)/s,  mask = 1[0 <= v <= 2^b - 1],  dL/dw = (dL/dq · mask) · f
         dL/ds_g = γ·sum_g dL/dq·(c - where(mask, v, 0)),  dL/dm_g = γ·sum_g dL/dq·(1 - mask)

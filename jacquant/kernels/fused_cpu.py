@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import fake_quant_torch
+from jacquant.kernels import fake_quant_torch
 
 _state: dict[str, object] = {"failed": False}
 _compiled: dict[str, Callable] = {}
@@ -57,6 +57,13 @@ def _get(name: str, fn: Callable) -> Callable:
 # Each (bits, group, rule, dtype) is one specialisation (and a new shape one more, until shapes go dynamic):
 # a process that quantizes with many settings (a test session, a sweep) needs more than dynamo's default 8.
 RECOMPILE_LIMIT = 64
+
+
+def run(name: str, fn: Callable, *args):
+    """``fn(*args)`` compiled alone by inductor (once per ``name`` and shape family), or ``fn`` itself where that
+    fails: how a pure torch function elsewhere (a research rule's hook, say) gets a fused CPU kernel. Call it only
+    where :func:`usable` is true for the tensors."""
+    return _run(name, fn, fn, *args)
 
 
 def _run(name: str, fn: Callable, fallback: Callable, *args):
@@ -103,11 +110,3 @@ def affine_backward(
     """(dL/dw, dL/ds, dL/dm) of the scale-and-min grid, fused (dL/dw bit for bit, the group sums to a few ulp)."""
     return _run("affine_backward", fake_quant_torch.affine_backward, fake_quant_torch.affine_backward,
                 grad_q, w, scale, minimum, jac, bits, group, rule, amplitude)
-
-
-def scale_by_shape_(grad: Tensor, w: Tensor, scale: Tensor, zero_point: Tensor, group: int, coeffs: Tensor) -> Tensor:
-    """grad ← grad · B(w/s + z) in place (:func:`jacquant.shape.scale_by_shape_`), fused: one loop over the weight
-    instead of a dozen passes (the learned-shape hook's cost per step). B's cosine to an ulp of libm's."""
-    from ..shape import scale_by_shape_ as reference  # here, not at the top: jacquant.shape imports the site layer
-
-    return _run("scale_by_shape", reference, reference, grad, w, scale, zero_point, group, coeffs)

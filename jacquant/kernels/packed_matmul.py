@@ -1,6 +1,6 @@
 """y = x · dequant(packed W)^T + bias from MatMulNBits-packed codes: Triton kernel, reference, dispatch.
 
-W [N, K] is stored as packed codes [N, K/G, G·b/8] (see :mod:`jacquant.packing`), scales [N, K/G]
+W [N, K] is stored as packed codes [N, K/G, G·b/8] (see :mod:`jacquant.primitives.packing`), scales [N, K/G]
 and integer zero points [N, K/G] (uint8, unpacked); W = s · (c - z). Read as bytes, a row of the
 packed codes is [K·b/8]: code k sits in byte k·b/8, bits [(k mod 8/b)·b, (k mod 8/b + 1)·b).
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..packing import PACKABLE_BITS, unpack_codes
-from ..quantizer import dequantize, group_size
-from .triton_util import check_float, check_triton, launch, tl, triton, use_triton
+from jacquant.primitives.packing import PACKABLE_BITS, unpack_codes
+from jacquant.primitives.grid import dequantize, group_size
+from jacquant.kernels.triton_util import check_float, check_triton, launch, tl, triton, use_triton
 
 
 def packed_linear_reference(
@@ -118,7 +118,7 @@ def packed_linear_triton(
     g = group_size(k, group)
     if packed.dtype != torch.uint8 or blocks * g != k or per_block * 8 != g * bits:
         raise ValueError(f"packed codes {tuple(packed.shape)} {packed.dtype} do not match x's K={k}, group {group}, "
-                         f"bits {bits}: expected uint8 [N, {k // g}, {g * bits // 8}] from jacquant.packing.pack_codes")
+                         f"bits {bits}: expected uint8 [N, {k // g}, {g * bits // 8}] from jacquant.primitives.packing.pack_codes")
     if scale.shape != (n, blocks) or zero_point.shape != (n, blocks):
         raise ValueError(f"scale {tuple(scale.shape)} and zero point {tuple(zero_point.shape)} must be [{n}, {blocks}]")
     cfg = _config(x.numel() // max(k, 1), g)

@@ -36,7 +36,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def launch(kernel):
     """``kernel`` wrapped for ``torch.library.wrap_triton``: launches as usual in eager, and lets
-    ``torch.compile`` trace the launch inside a ``torch.library.triton_op`` (see :mod:`jacquant.ops`)."""
+    ``torch.compile`` trace the launch inside a ``torch.library.triton_op`` (see :mod:`jacquant.qat.ops`)."""
     return torch.library.wrap_triton(kernel) if HAS_TRITON else kernel
 
 

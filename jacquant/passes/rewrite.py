@@ -3,7 +3,7 @@
 The owner (the module whose forward runs the matmul, as the capture found it) is traced alone with
 every child module kept as a leaf, so the graph holds only the owner's own code. In that graph each
 matmul whose weight is a quantized parameter is replaced by a call to the parameter's
-:class:`~jacquant.site.WeightQuantizer`, registered on the owner:
+:class:`~jacquant.qat.quantizer.WeightQuantizer`, registered on the owner:
 
     linear(x, W, b)        ->  W_quantizer(x, W, b)
     matmul(x, W) / x @ W   ->  W_quantizer(x, W)           (W stored [K, N])
@@ -19,7 +19,7 @@ import types
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import MATMUL_TARGETS, _arg, _resolve_weight
+from jacquant.passes.capture import MATMUL_TARGETS, _arg, _resolve_weight
 
 
 class _OwnerTracer(fx.Tracer):

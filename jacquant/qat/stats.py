@@ -8,7 +8,7 @@ For a site with v = w/s + z, codes c = clamp(round v, 0, q), q = 2^b - 1, thresh
     thr_dist    mean_i min_k |v_i - τ_k|                          (in scale units, 0 .. 1/2 inside)
 
 The previous codes live in a non-persistent buffer ``prev_codes`` on each quantizer (not in the
-state_dict). :class:`StatsLogger` appends one JSON line per call; :func:`jacquant.plot.plot` draws it.
+state_dict). :class:`StatsLogger` appends one JSON line per call; :func:`jacquant.qat.plot.plot` draws it.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .quantizer import qmax, scaled
-from .site import sites
+from jacquant.primitives.grid import qmax, scaled
+from jacquant.qat.quantizer import sites
 
 PREV = "prev_codes"
 

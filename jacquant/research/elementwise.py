@@ -15,7 +15,7 @@ Rules (pure functions below; :class:`ElementwiseConfig` and :func:`attach` wire 
     gauss     B_i = Σ_k φ((τ_k − v_i)/σ) / σ                 (slope of the Gaussian-dithered quantizer)
     fourier   B_i = (1 − c cos πr_i)/(1 + c cos πr_i), c = √2πA   (StableQAT's factor; A fixed, or fitted per
                                                               layer/group with ``fit``)
-    shape     B_i = 1 + Σ_k a_k cos(2πk r_i)                 (the learned shape, :mod:`jacquant.shape`: a fixed at
+    shape     B_i = 1 + Σ_k a_k cos(2πk r_i)                 (the learned shape, :mod:`jacquant.research.shape`: a fixed at
                                                               StableQAT's, or fitted per layer/group by Dither or Probe)
     cage      dL/dw_i += λ · rms(m ⊙ g_q) · 2 r_i            (CAGE's pull λ'(w − Q(w)) toward the grid,
                                                               λ' = 2λ·rms(g)/s relative to the layer's gradient)
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .quantizer import SCALE_FLOOR, grouped, qmax, scaled
-from .shape import (amplitude_for_shape, amplitude_for_sigma, dither_shape, fourier_factor, fourier_shape, positive, probe_shape,
+from jacquant.primitives.grid import SCALE_FLOOR, grouped, qmax, scaled
+from jacquant.research.shape import (amplitude_for_shape, amplitude_for_sigma, dither_shape, fourier_factor, fourier_shape, positive, probe_shape,
                     scale_by_shape_, scheduled_amplitude, shape_factor, travel)
-from .kernels import fused_cpu
-from .site import Site, sites
+from jacquant.kernels import fused_cpu
+from jacquant.qat.quantizer import Site, sites
 
 RULES = ("none", "ewgs", "gauss", "fourier", "shape")
 FITS = ("fixed", "dither", "probe")
@@ -196,8 +196,8 @@ class ElementwiseConfig:
             (codes held, scales on their exact gradient, latent weights frozen in v); 0 = never.
         refresh_every, n_probes: the Hutchinson refresh of δ (and the refresh period of a fitted shape).
         fit: for "shape" and "fourier": "fixed" (StableQAT's shape / ``amplitude``), "dither" (σ = the distance the
-            weights travelled since the last refresh, :func:`jacquant.shape.dither_shape`) or "probe" (loss changes
-            of ±δ probes regressed on the basis, :func:`jacquant.shape.probe_shape`; needs the calibration loss).
+            weights travelled since the last refresh, :func:`jacquant.research.shape.dither_shape`) or "probe" (loss changes
+            of ±δ probes regressed on the basis, :func:`jacquant.research.shape.probe_shape`; needs the calibration loss).
         per: "layer" (one shape per site) or "group" (one per group of G weights; not with "probe").
         n_basis: harmonics n of the shape family.
         shape_probes, probe_delta, probe_ridge: Probe's probes per refresh, their size δ (scale units), the ridge
@@ -422,8 +422,8 @@ class ElementwiseHooks:
                 # B is 1-periodic: evaluated on v = w/s + z itself, r = v − round v is not needed (the step's cost)
                 w_nk, a = q.as_nk(w).detach(), self.shapes[st.name].to(g.device)
                 fuse = fused_cpu.usable(g, w_nk, q.scale, q.zero_point, a)
-                (fused_cpu.scale_by_shape_ if fuse else scale_by_shape_)(g, w_nk, q.scale.detach(), q.zero_point,
-                                                                         q.group, a)
+                args = (g, w_nk, q.scale.detach(), q.zero_point, q.group, a)
+                fused_cpu.run("scale_by_shape", scale_by_shape_, *args) if fuse else scale_by_shape_(*args)
                 self._saved.append(None)
                 continue
             r = bin_offset(q.as_nk(w), q.scale, q.zero_point, q.group) if (c.rule != "none" or c.cage) else None

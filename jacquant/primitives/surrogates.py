@@ -10,7 +10,7 @@ All rules share one form (method.md):
 
 The scale always gets LSQ's gradient (see :func:`lsq_scale_grad`).
 
-The scale-and-min grid Q = s·c + m (:func:`jacquant.quantizer.fake_quantize_affine`) takes the same rules
+The scale-and-min grid Q = s·c + m (:func:`jacquant.primitives.grid.fake_quantize_affine`) takes the same rules
 with v = (w - m)/s (:func:`backward_affine`).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .quantizer import SCALE_FLOOR, grouped, qmax, scaled, scaled_affine
+from jacquant.primitives.grid import SCALE_FLOOR, grouped, qmax, scaled, scaled_affine
 
 RULES = ("ste", "stableqat", "jacquant")
 

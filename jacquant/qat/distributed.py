@@ -47,8 +47,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from . import refresh as rf
-from .site import WeightQuantizer, sites
+from jacquant.qat import refresh as rf
+from jacquant.qat.quantizer import WeightQuantizer, sites
 
 
 def prepare(model: nn.Module) -> nn.Module:
@@ -69,7 +69,7 @@ def prepare(model: nn.Module) -> nn.Module:
         for node in gm.graph.nodes:
             if node.op in ("get_attr", "call_module") and not _has_attr(owner, node.target):
                 raise TypeError(f"layer `{name or '<root>'}`: its rewritten forward reads `{node.target}`, which the "
-                                f"module itself lacks; jacquant.distributed cannot rebind it to the module")
+                                f"module itself lacks; jacquant.qat.distributed cannot rebind it to the module")
         owner.forward = types.MethodType(fwd.__func__, owner)
     return model
 
@@ -89,7 +89,7 @@ def check_prepared(model: nn.Module) -> None:
         gm = getattr(owner.__dict__.get("forward"), "__self__", None)
         if isinstance(gm, fx.GraphModule) and gm is not owner:
             raise RuntimeError(f"layer `{name or '<root>'}`: rewritten forward is not bound to the module; call "
-                               "jacquant.distributed.prepare(model) after transform and before DDP/fully_shard")
+                               "jacquant.qat.distributed.prepare(model) after transform and before DDP/fully_shard")
 
 
 def shard_placement_fn(model: nn.Module) -> Callable[[nn.Parameter], Optional[Shard]]:
@@ -142,7 +142,7 @@ def check_shards(model: nn.Module) -> None:
             raise ValueError(
                 f"layer `{s.name}`: weight {layout} is sharded {tuple(w.placements)} and its scale [N, K/G] "
                 f"{tuple(scale.placements)}; a shard boundary may cut a group of {s.quantizer.group} along K. "
-                f"Shard both along N: fully_shard(..., shard_placement_fn=jacquant.distributed.shard_placement_fn(model))")
+                f"Shard both along N: fully_shard(..., shard_placement_fn=jacquant.qat.distributed.shard_placement_fn(model))")
 
 
 @contextlib.contextmanager
@@ -185,7 +185,7 @@ def sync_jac(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] 
     """Make every B buffer, and the refresh clock and RNG, equal to rank ``src``'s; returns #B values sent.
 
     B_site ← B_site(rank src) for every site, in one coalesced broadcast of sum_sites N·K/G floats;
-    the refresh clock and RNG buffers (:func:`jacquant.refresh.state_of`, if attached) follow, so later sampled
+    the refresh clock and RNG buffers (:func:`jacquant.qat.refresh.state_of`, if attached) follow, so later sampled
     draws agree across ranks too. Call on every rank after each refresh (collective). Without an
     initialised process group it does nothing and returns 0.
     """
@@ -226,7 +226,7 @@ def jac_max_spread(model: nn.Module, group: Optional[dist.ProcessGroup] = None) 
 def refresh_synced(model: nn.Module, refresh: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``refresh(model, *args, **kwargs)`` on whole weights, then :func:`sync_jac`; returns its result.
 
-    ``refresh`` is any B refresh (e.g. ``jacquant.refresh``'s step) that writes each site's
+    ``refresh`` is any B refresh (e.g. ``jacquant.qat.refresh``'s step) that writes each site's
     ``quantizer.jac`` from ``site.weight`` and ``quantizer.scale``. Collective: call on every rank.
     """
     model = unwrap(model)
@@ -237,7 +237,7 @@ def refresh_synced(model: nn.Module, refresh: Callable[..., Any], *args: Any, **
 
 
 def step(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> bool:
-    """``jacquant.refresh.step`` for DDP/FSDP2: call on every rank after each ``optimizer.step()``.
+    """``jacquant.qat.refresh.step`` for DDP/FSDP2: call on every rank after each ``optimizer.step()``.
 
     Counts the step and, when a refresh is due (t = 0 mod K, the clock being equal on every rank),
     re-estimates B on whole weights (:func:`full_weights`) and then :func:`sync_jac`\ s it, so every

@@ -8,9 +8,9 @@ A format fixes the grid that llama.cpp dequantizes (gguf-py's ``gguf.quants.dequ
                           w = (d·sc)·q - dmin·mn          q in 0..3, sc and mn in 0..15 per sub-block,
                                                           d and dmin fp16 per super-block
 
-jacquant trains on exactly these values. Q4_0 is the integer-zero-point grid of :mod:`jacquant.quantizer`
+jacquant trains on exactly these values. Q4_0 is the integer-zero-point grid of :mod:`jacquant.primitives.grid`
 (zero point 8, group 32) with the scale rounded to fp16 in the forward. Q4_1 and Q2_K are the
-*scale-and-min* grid Q = s·c + m (:func:`jacquant.quantizer.fake_quantize_affine`) with
+*scale-and-min* grid Q = s·c + m (:func:`jacquant.primitives.grid.fake_quantize_affine`) with
 
     q4_1   s = fp16(d),  m = fp16(m)
     q2_k   s = fp16(d)·sc,  m = -(fp16(dmin)·mn),   sc = clamp(round(σ/fp16(d)), 1, 15),
@@ -166,14 +166,14 @@ def init_affine(w: Tensor, spec: FormatSpec, method: str) -> dict[str, Tensor]:
     ``super_scale``, ``super_min`` [N, K/256] (d, dmin).
 
     ``method``:
-      ``"mse"`` / ``"minmax"``: jacquant's integer-zero-point init (:func:`jacquant.quantizer.init_scale`,
+      ``"mse"`` / ``"minmax"``: jacquant's integer-zero-point init (:func:`jacquant.primitives.grid.init_scale`,
           asymmetric), read as s and m = -s·z (a grid that holds 0 exactly);
       ``"llama"``: llama.cpp's choice: Q4_1 the block's min/max (d = (max - min)/15, m = min); Q2_K a
           weighted search per sub-block (:func:`search_scale_min`, weights |w|, the error summed as
           Σ|w|·|Q - w|, 16 candidate steps), then the sub-block scales and mins as 4-bit indices of
           d = max σ/15, dmin = max(-μ)/15 (``super_scale``, ``super_min`` hold 15·d, 15·dmin).
     """
-    from .quantizer import grouped, init_scale
+    from jacquant.primitives.grid import grouped, init_scale
 
     wg = grouped(w.detach().float(), spec.group)  # [N, K/G, G]
     if method in ("mse", "minmax"):
@@ -242,7 +242,7 @@ def init_q4_0(w: Tensor, method: str) -> tuple[Tensor, Tensor]:
     """(scale, zero_point) of Q4_0 (zero point 8, group 32). ``"llama"``: s = max|w|/8 per block (llama.cpp
     takes d = (the signed value of largest magnitude)/(-8), so its d may be negative; jacquant keeps s > 0,
     which differs only where that value is positive, then clamped at 7·s); else :func:`init_scale`, symmetric."""
-    from .quantizer import grouped, init_scale
+    from jacquant.primitives.grid import grouped, init_scale
 
     if method == "llama":
         s = grouped(w.detach().float(), 32).abs().amax(-1) / 8

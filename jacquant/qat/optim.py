@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .site import sites
+from jacquant.qat.quantizer import sites
 
 
 def expand_b(jac: Tensor, group: int, transposed: bool) -> Tensor:

@@ -7,9 +7,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import formats, ops  # noqa: F401  (registers torch.ops.jacquant.*)
-from .config import QuantConfig
-from .quantizer import group_size, init_scale, quantize, quantize_affine
+from jacquant.primitives import formats
+
+from jacquant.qat import ops  # noqa: F401  (registers torch.ops.jacquant.*)
+from jacquant.config import QuantConfig
+from jacquant.primitives.grid import group_size, init_scale, quantize, quantize_affine
 
 
 class WeightQuantizer(nn.Module):
@@ -93,13 +95,13 @@ class WeightQuantizer(nn.Module):
 class AffineQuantizer(WeightQuantizer):
     """Quantizer state for a GGUF scale-and-min format (``q4_1``, ``q2_k``): Q(W) = s·c + m per group.
 
-    Learnable, per group of G weights along K (:mod:`jacquant.formats` gives the formulas):
+    Learnable, per group of G weights along K (:mod:`jacquant.primitives.formats` gives the formulas):
       ``scale``        Q4_1: d; Q2_K: the sub-block scale latent σ  [N, K/G]
       ``min``          Q4_1: m; Q2_K: the sub-block min latent μ (≤ 0) [N, K/G]
       ``super_scale``  Q2_K only: 15·d per super-block of 256 [N, K/256]
       ``super_min``    Q2_K only: 15·dmin per super-block [N, K/256]
     and the buffer ``jac`` (B) [N, K/G]. The forward calls ``torch.ops.jacquant.qlinear_affine`` with
-    (s, m) = :func:`jacquant.formats.affine_grid` of these, whose roundings (fp16, 4-bit indices) pass
+    (s, m) = :func:`jacquant.primitives.formats.affine_grid` of these, whose roundings (fp16, 4-bit indices) pass
     gradients straight through.
     """
 

@@ -37,8 +37,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .quantizer import SCALE_FLOOR, grouped, scaled
-from .site import Site
+from jacquant.primitives.grid import SCALE_FLOOR, grouped, scaled
+from jacquant.qat.quantizer import Site
 
 _GRID = (torch.arange(200, dtype=torch.float32) + 0.5) / 200 - 0.5  # bin midpoints: means are exact for low harmonics
 

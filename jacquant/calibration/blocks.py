@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .site import WeightQuantizer
+from jacquant.qat.quantizer import WeightQuantizer
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

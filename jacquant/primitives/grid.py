@@ -7,7 +7,7 @@ b bits, per-group scale s_g > 0 and integer zero point z_g:
 
 Scales and zero points have shape [N, K/G]; every function here broadcasts them over the group.
 
-The *scale-and-min* grid (GGUF's Q4_1 and Q2_K, :mod:`jacquant.formats`) has a float offset m per group
+The *scale-and-min* grid (GGUF's Q4_1 and Q2_K, :mod:`jacquant.primitives.formats`) has a float offset m per group
 instead of an integer zero point:
 
     v = (w - m) / s          codes c = clamp(round(v), 0, 2^b - 1)            Q(w) = s · c + m

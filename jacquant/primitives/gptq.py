@@ -13,7 +13,7 @@ Surgeon step). The column updates are applied in blocks (lazy batch updates) wit
 
 Grid: each group of G columns gets its scale s and integer zero point z from the group's columns
 *as they are when its first column is reached* (after the error feedback of the groups before it),
-by jacquant's own init (:func:`jacquant.quantizer.init_scale`: min/max or the MSE clipping search),
+by jacquant's own init (:func:`jacquant.primitives.grid.init_scale`: min/max or the MSE clipping search),
 so the result lives on the same grid as the fake-quant op: Q = s·(clamp(round(w/s + z), 0, 2^b − 1) − z).
 
 The *latent* weight returned is each column as it was when it was rounded (the error-compensated
@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .quantizer import fake_quantize, group_size, init_scale
+from jacquant.primitives.grid import fake_quantize, group_size, init_scale
 
 
 def damped_hessian(h: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ tensors walked again to name the first offender and count its bad entries.
             scheduler.step()                  # a scheduler built on opt.optimizer
         opt.zero_grad()
 
-After a real step every quantized scale is clamped to :data:`jacquant.quantizer.SCALE_FLOOR` (an
+After a real step every quantized scale is clamped to :data:`jacquant.primitives.grid.SCALE_FLOOR` (an
 LSQ step can drive s to 0 or below; the forward already uses max(s, floor), the clamp makes the
 stored value agree).
 """
@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from .quantizer import SCALE_FLOOR
-from .site import sites
+from jacquant.primitives.grid import SCALE_FLOOR
+from jacquant.qat.quantizer import sites
 
 ACTIONS = ("raise", "skip_step")
 

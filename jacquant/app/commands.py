@@ -9,7 +9,7 @@ model's tokenizer, or byte by byte (UTF-8, ids 0-255) when the directory has non
 :func:`jacquant.save_converted`), ``jacquant.json`` (settings and perplexities), ``stats.jsonl`` and
 ``stats.png`` (diagnostics over the run). ``eval`` and ``export`` read that directory back.
 
-With ``--format q4_0 | q4_1 | q2_k`` (GGUF's formats, :mod:`jacquant.formats`) the integer model is that format's,
+With ``--format q4_0 | q4_1 | q2_k`` (GGUF's formats, :mod:`jacquant.primitives.formats`) the integer model is that format's,
 and ``jacquant export MODEL --out DIR --gguf FILE`` writes it for llama.cpp (:func:`jacquant.export.export_gguf`),
 the tokenizer and metadata carried over from MODEL's GGUF file.
 """
@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import gguf, lm_track
-from ..config import QuantConfig
-from ..convert import convert, load_converted, save_converted
-from ..plot import plot
-from .pipeline import Pipeline, calibrated_start, calibration_windows, gptq_start, run_phases
-from .qat import DEFAULT_JACQUANT, RECIPES
+from jacquant.app import lm_track
+from jacquant.app.models import find_gguf, load_model
+from jacquant.config import QuantConfig
+from jacquant.export.convert import convert, load_converted, save_converted
+from jacquant.qat.plot import plot
+from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, gptq_start, run_phases
+from jacquant.app.qat import DEFAULT_JACQUANT, RECIPES
 
 VALID_FRACTION = 0.1
 
@@ -66,32 +67,6 @@ class TrainArgs:
         """The QuantConfig of the run (a GGUF ``format`` sets bits and group)."""
         return QuantConfig(bits=self.bits, group=self.group, format=self.format, fallback=self.fallback,
                            init=self.init)
-
-
-def resolve_model(name: str) -> str:
-    """A Hugging Face directory or cached name for ``name``: a ``.gguf`` file (or a directory holding one) is
-    converted once to an fp32 directory in the cache (:func:`jacquant.app.gguf.convert_gguf`)."""
-    path = gguf.find_gguf(name)
-    return gguf.convert_gguf(path, lm_track.cache_root()) if path else name
-
-
-def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Optional[object]]:
-    """(causal LM in fp32, tokenizer or None) from a GGUF file, a local directory or the local HF cache, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name.endswith(".gguf") and not os.path.exists(name):
-        raise FileNotFoundError(f"GGUF file {name!r} does not exist")
-    name = resolve_model(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
-    except OSError as e:
-        raise FileNotFoundError(f"{name!r} is neither a local model directory nor a model in the local Hugging Face "
-                                f"cache (nothing is downloaded): {e}") from e
-    try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        tok = None
-    return model.to(device), tok
 
 
 def tokenize(paths: list[str], tokenizer, vocab_size: int) -> Tensor:
@@ -230,7 +205,7 @@ def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accu
                  kv_cache: bool = False, head_bits: Optional[int] = None) -> dict:
     """Export the trained model in ``out`` to ONNX (MatMulNBits for ``ort``, DequantizeLinear for ``onnx``);
     ``kv_cache``: a decoder for ``jacquant generate`` with the tokenizer beside it."""
-    from ..export import export_onnx
+    from jacquant.export import export_onnx
 
     m, tok, summary = load_trained(model, out)
     if kv_cache:
@@ -246,9 +221,9 @@ def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accu
 def export_gguf_model(model: str, out: str, gguf_path: str, head: Optional[str] = None) -> dict:
     """Write the trained model in ``out`` (trained with ``--format``) as a GGUF file for llama.cpp, carrying the
     tokenizer and metadata over from ``model``'s GGUF file (:func:`jacquant.export.export_gguf`)."""
-    from ..export import export_gguf
+    from jacquant.export import export_gguf
 
-    source = gguf.find_gguf(model)
+    source = find_gguf(model)
     if source is None:
         raise ValueError(f"{model!r} is not a GGUF file (or a directory holding one): `export --gguf` carries the "
                          "tokenizer over from the GGUF file the model was trained from; pass that file as MODEL")

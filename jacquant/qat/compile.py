@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .passes.rewrite import installed_graph
+from jacquant.passes.rewrite import installed_graph
 
 
 def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -1,4 +1,4 @@
-"""Plots: a :class:`jacquant.stats.StatsLogger` JSONL file (loss, code-flip rate, B over steps), and the
+"""Plots: a :class:`jacquant.qat.stats.StatsLogger` JSONL file (loss, code-flip rate, B over steps), and the
 run report's loss curves, flip rates and B histograms."""
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def flip_rates(rows: list[dict], out_png: str | os.PathLike) -> str:
 
 def b_histograms(models: dict[str, nn.Module], out_png: str | os.PathLike, bins: int = 40) -> str:
     """Histogram of B over every group of every site, one panel per model (e.g. per track)."""
-    from .site import sites
+    from jacquant.qat.quantizer import sites
 
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(4.5 * max(len(models), 1), 3.2), squeeze=False)
     for ax, (label, model) in zip(axes[0], models.items()):

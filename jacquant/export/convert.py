@@ -1,6 +1,6 @@
 """Convert a transformed (fake-quant) model to its packed integer form, and save / load it.
 
-Each quantized site's :class:`~jacquant.site.WeightQuantizer` and full-precision weight are replaced
+Each quantized site's :class:`~jacquant.qat.quantizer.WeightQuantizer` and full-precision weight are replaced
 by a :class:`PackedWeight` holding, for W [N, K] in groups of G along K:
 
     packed      uint8 [N, K/G, G·c/8]   codes c = clamp(round(W/s + z), 0, 2^b - 1), MatMulNBits layout
@@ -13,9 +13,9 @@ goes through the custom op ``jacquant::packed_linear`` (one node in an exported 
 :mod:`jacquant.export.onnx`). The fp weight is dropped from its owner unless another module still
 uses it (a head tied to an embedding keeps the embedding table, which stays full precision).
 
-A site trained on a GGUF format (:mod:`jacquant.formats`) converts to what that format stores: Q4_0 to a
+A site trained on a GGUF format (:mod:`jacquant.primitives.formats`) converts to what that format stores: Q4_0 to a
 PackedWeight as above (z = 8, G = 32, s the fp16 value the forward used), Q4_1 and Q2_K to a
-:class:`~jacquant.gguf_blocks.GGUFWeight` holding the format's block bytes.
+:class:`~jacquant.export.gguf_blocks.GGUFWeight` holding the format's block bytes.
 
 Checkpoints are safetensors (no pickle) with metadata naming every packed layer, its bits, group,
 shape and storage width; :func:`load_converted` refuses a file whose metadata does not match.
@@ -31,12 +31,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from .gguf_blocks import GGUFWeight
-from .kernels.packed_matmul import packed_linear as _packed_linear_kernel
-from .packing import pack_codes, unpack_codes
-from .passes.rewrite import install_forward, installed_graph, quantizer_attr
-from .quantizer import SCALE_FLOOR, dequantize, qmax
-from .site import WeightQuantizer, sites
+from jacquant.export.gguf_blocks import GGUFWeight
+from jacquant.kernels.packed_matmul import packed_linear as _packed_linear_kernel
+from jacquant.primitives.packing import pack_codes, unpack_codes
+from jacquant.passes.rewrite import install_forward, installed_graph, quantizer_attr
+from jacquant.primitives.grid import SCALE_FLOOR, dequantize, qmax
+from jacquant.qat.quantizer import WeightQuantizer, sites
 
 FORMAT = "jacquant.converted"
 FORMAT_VERSION = "1"
@@ -141,7 +141,7 @@ PACKED_TYPES = (PackedWeight, GGUFWeight)
 
 
 def packed_sites(model: nn.Module) -> Iterator[PackedSite]:
-    """Every :class:`PackedWeight` (and :class:`~jacquant.gguf_blocks.GGUFWeight`) of a converted model, in
+    """Every :class:`PackedWeight` (and :class:`~jacquant.export.gguf_blocks.GGUFWeight`) of a converted model, in
     module order."""
     for path, m in model.named_modules():
         if isinstance(m, PACKED_TYPES):
@@ -175,7 +175,7 @@ def convert(model: nn.Module) -> nn.Module:
         by_owner.setdefault(id(s.owner), []).append(s)
     for owner_sites in by_owner.values():
         _convert_owner(model, owner_sites)
-    from .refresh import detach
+    from jacquant.qat.refresh import detach
 
     detach(model)  # the refresh clock and RNG are training state: an integer model no longer trains
     return model
@@ -430,7 +430,7 @@ def check_packed_tensors(name: str, bits: int, group: int, packed: Tensor, scale
 
 def check_gguf_blocks(name: str, fmt: str, k: int, blocks: Tensor, path: str = "checkpoint") -> None:
     """Refuse GGUF block bytes whose fp16 scales or mins are not finite (a tampered or damaged file)."""
-    from .gguf_blocks import dequantize
+    from jacquant.export.gguf_blocks import dequantize
 
     if not bool(torch.isfinite(dequantize(blocks, fmt, k)).all()):
         raise ValueError(f"{path}: the {fmt} blocks of layer `{name}` hold non-finite scales or mins")
@@ -443,7 +443,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 def _transform_like(model: nn.Module, layers: dict, path: str) -> None:
     """Transform a full-precision skeleton with the checkpoint's bits and group, on its layers only."""
-    from .api import transform
+    from jacquant.api import transform
 
     names = {v["name"]: v.get("format") for v in layers.values()}
     if any(names.values()):  # GGUF formats, possibly mixed (Q2_K where rows allow, Q4_0 elsewhere)

@@ -2,7 +2,7 @@
 
 A transformed model starts at round-to-nearest (RTN): every weight rounded alone, its group's scale
 from the MSE clipping search. :func:`calibrate` replaces that start, block by block, with GPTQ
-(:mod:`jacquant.gptq`): for block i,
+(:mod:`jacquant.primitives.gptq`): for block i,
 
     1. run block i on the cached inputs X_i (outputs of the already calibrated blocks 0..i−1) and
        accumulate, for each quantized site, H = Σ x^T x over its own input x;
@@ -10,7 +10,7 @@ from the MSE clipping search. :func:`calibrate` replaces that start, block by bl
        are replaced (the grid, bits and group are the site's own);
     3. run the calibrated block on X_i: its outputs are X_{i+1}.
 
-Only one block's inputs live in memory at a time (:class:`jacquant.blocks.ActivationCache`, on disk
+Only one block's inputs live in memory at a time (:class:`jacquant.calibration.blocks.ActivationCache`, on disk
 past its byte budget), so memory stays bounded by the calibration activations of one layer.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from .blocks import capture_inputs, find_blocks
-from .formats import fp16_scale
-from .gptq import gptq_quantize, output_error
-from .quantizer import fake_quantize
-from .site import Site, sites
+from jacquant.calibration.blocks import capture_inputs, find_blocks
+from jacquant.primitives.formats import fp16_scale
+from jacquant.primitives.gptq import gptq_quantize, output_error
+from jacquant.primitives.grid import fake_quantize
+from jacquant.qat.quantizer import Site, sites
 
 
 def default_run(model: nn.Module, x: Tensor) -> Any:

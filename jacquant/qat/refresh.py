@@ -8,13 +8,13 @@ smoothed (method.md):
 Usage::
 
     jacquant.transform(model, bits=2, method="jacquant")
-    jacquant.refresh.attach(model, RefreshConfig(estimator="dither", width=2.0))   # optional
+    jacquant.qat.refresh.attach(model, RefreshConfig(estimator="dither", width=2.0))   # optional
     for batch in data:
         loss(model, batch).backward(); opt.step(); opt.zero_grad()
         jacquant.step(model)          # counts steps, refreshes B when due
 
 The step counter and the estimator's RNG state are buffers on the model's root (``jacquant_step``,
-``jacquant_rng``), so they travel with ``model.state_dict()`` and :mod:`jacquant.checkpoint`; the
+``jacquant_rng``), so they travel with ``model.state_dict()`` and :mod:`jacquant.qat.checkpoint`; the
 config is the attribute ``model.jacquant_refresh_config``.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import estimators
-from .kernels import estimators as fast
-from .site import sites
+from jacquant.primitives import estimators
+from jacquant.kernels import estimators as fast
+from jacquant.qat.quantizer import sites
 
 ESTIMATORS = ("dither", "probe", "data_probe", "data_dither")
 STEP, RNG = "jacquant_step", "jacquant_rng"
@@ -186,7 +186,7 @@ def step(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) -> bo
 def hf_callback(config: Optional[RefreshConfig] = None, loss_fn: Optional[Callable[[], Tensor]] = None):
     """A ``transformers.TrainerCallback`` that calls :func:`step` after every optimizer step.
 
-    ``trainer.add_callback(jacquant.refresh.hf_callback(RefreshConfig(...)))``; transformers is
+    ``trainer.add_callback(jacquant.qat.refresh.hf_callback(RefreshConfig(...)))``; transformers is
     imported only here.
     """
     from transformers import TrainerCallback

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .refresh import RefreshConfig, attach, state_of
+from jacquant.qat.refresh import RefreshConfig, attach, state_of
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
