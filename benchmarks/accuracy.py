@@ -15,7 +15,7 @@ import datetime
 import os
 
 from jacquant.app.main_job import run_accuracy
-from jacquant.app.qat import RECIPES
+from jacquant.app.recipes import RECIPES
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import torch
 
 import jacquant
 from jacquant.app import data, lm_track, models
-from jacquant.app.qat import RECIPES
+from jacquant.app.recipes import recipe
 from jacquant.export import export_gguf, export_onnx, llamacpp
 
 ROWS = ("q4_1", "llama-q4_0", "llama-q2_k", "llama-q2_k-imatrix", "jq-q4_0", "jq-q2_k", "onnx-w2")
@@ -68,7 +68,7 @@ def train(fp, toks, config, method: str, out: str, name: str, lr=None):
         lm_track.freeze_embedding(model)
         log(f"{name}: loaded {path}")
         return model, json.load(open(path + ".json"))
-    rows, kept = lm_track.run(fp, toks, [RECIPES[method]], [0], config.bits, config.group, budget, log=log,
+    rows, kept = lm_track.run(fp, toks, [recipe(method)], [0], config.bits, config.group, budget, log=log,
                               config=config)
     model = kept[method]
     torch.save(model.state_dict(), path)

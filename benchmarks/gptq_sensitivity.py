@@ -28,7 +28,7 @@ import torch
 
 from jacquant.app import data, lm_track, models
 from jacquant.app.pipeline import calibrated_start, calibration_windows
-from jacquant.app.qat import recipes
+from jacquant.app.recipes import recipes
 from jacquant.config import QuantConfig
 from jacquant.qat.stats import codes_moved, model_codes
 

@@ -17,7 +17,8 @@ from dataclasses import replace
 import torch
 
 from jacquant.app import data, lm_track, models
-from jacquant.app.qat import RECIPES, quantize_copy, train
+from jacquant.app.recipes import recipe
+from jacquant.app.train import quantize_copy, train
 from jacquant.config import QuantConfig
 
 
@@ -33,7 +34,7 @@ def main() -> None:
     toks = lm_track.tokens(data.load_corpus(), tok)
     tune = lm_track.eval_windows(toks.tune, a.windows, budget.eval_seq)
     fp_ppl = lm_track.perplexity(fp, tune)
-    rtn = quantize_copy(fp, RECIPES["rtn"], QuantConfig(bits=2, group=64))
+    rtn = quantize_copy(fp, recipe("rtn"), QuantConfig(bits=2, group=64))
     rtn_ppl = lm_track.perplexity(rtn, tune)
     del rtn
     print(f"tuning slice: fp {fp_ppl:.3f}, rtn {rtn_ppl:.1f}; {a.steps} steps x {budget.batch} x {budget.seq} tokens")
@@ -42,12 +43,12 @@ def main() -> None:
         method, loss, lr, *rest = cfg.split(":")
         t0 = time.perf_counter()
         torch.manual_seed(a.seed)
-        model = quantize_copy(fp, RECIPES[method], QuantConfig(bits=2, group=64))
+        model = quantize_copy(fp, recipe(method), QuantConfig(bits=2, group=64))
         if "train-emb" not in rest:
             lm_track.freeze_embedding(model)
         batches = data.windows(toks.train, budget.batch, budget.seq, a.steps, a.seed + 1)
         calib = next(data.windows(toks.train, budget.batch, budget.seq, 1, 10_000))
-        train(model, RECIPES[method], batches, lm_track.loss_fn(loss, fp), a.steps, float(lr), seed=a.seed,
+        train(model, recipe(method), batches, lm_track.loss_fn(loss, fp), a.steps, float(lr), seed=a.seed,
               warmup=max(1, a.steps // 20), calib_batch=calib, desc=cfg)
         ppl = lm_track.perplexity(model, tune)
         emb = "trained" if "train-emb" in rest else "frozen"

@@ -23,14 +23,14 @@ import torch
 from jacquant.app import data, lm_track, models
 from jacquant.app.blockwise import BlockwiseConfig
 from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, run_phases
-from jacquant.app.qat import RECIPES
+from jacquant.app.recipes import recipe as named_recipe
 from jacquant.config import QuantConfig
 from jacquant.qat.stats import codes_moved, model_codes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="ste", choices=sorted(RECIPES))
+    ap.add_argument("--method", default="ste", help="a product method or a research rule (jacquant.app.recipes)")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--start", default="gptq", choices=("rtn", "gptq"))
     ap.add_argument("--calib", type=int, default=64, help="calibration windows")
@@ -60,7 +60,7 @@ def main() -> None:
     fp, tok, _ = models.load_fp(log=lambda *x: None)
     toks = lm_track.tokens(data.load_corpus("auto"), tok)
     windows = lm_track.eval_windows(toks.tune, 32, 256)
-    recipe = RECIPES[a.method]
+    recipe = named_recipe(a.method)
     budget = lm_track.DEFAULT
     pipe = Pipeline(start=a.start, calib_windows=a.calib, calib_seq=a.calib_seq, e2e_data=a.edata,
                     e2e_params="scales" if a.escales else "all",
@@ -103,7 +103,7 @@ def main() -> None:
         res["t_e2e"] = time.perf_counter() - t0 - res.get("t_block", 0.0)
         res["ppl_e2e"] = lm_track.perplexity(model, windows)
         res["moved_e2e"] = moved()
-        res["schedule"] = _schedule(getattr(model, "jacquant_elementwise_history", []))
+        res["schedule"] = _schedule(getattr(model, "jacquant_hook_history", []))
     print(json.dumps(res))
     with open(a.results, "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -145,14 +145,8 @@ def table(path: str, tag: str) -> str:
 
 
 def _schedule(history: list[dict]) -> list[dict]:
-    """Per refit of a fitted shape: the step, and over the sites the mean, 10th and 90th percentile of the fitted
-    amplitude A and the mean contrast B(0)/B(½) (the learned schedule of issue 21)."""
-    out = []
-    for h in history:
-        amp = torch.tensor(list(h["amplitude"].values()))
-        out.append({"t": h["t"], "A_mean": float(amp.mean()), "A_q10": float(amp.quantile(0.1)),
-                    "A_q90": float(amp.quantile(0.9)), "contrast": sum(h["contrast"].values()) / len(h["contrast"])})
-    return out
+    """Per refit of a research rule's learned shape: the step and the mean contrast B(0)/B(½) over the sites."""
+    return [{"t": h["t"], "contrast": sum(h["contrast"].values()) / len(h["contrast"])} for h in history]
 
 
 if __name__ == "__main__":

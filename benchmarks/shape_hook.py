@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from jacquant.research.elementwise import bin_offset
+from jacquant.research.shape import bin_offset
 from jacquant.kernels import fused_cpu
 from jacquant.research.shape import scale_by_shape_
 

@@ -35,7 +35,7 @@ import torch
 
 from jacquant.app import data, lm_track, models
 from jacquant.app.pipeline import calibrated_start, calibration_windows, run_phases, with_rule
-from jacquant.app.qat import RECIPES
+from jacquant.app.recipes import recipe as named_recipe
 from jacquant.config import QuantConfig
 from jacquant.qat.quantizer import sites
 
@@ -118,7 +118,7 @@ def main() -> None:
         runs = [(m, budget.loss) for m in a.methods.split(",") if m]
         runs += [(m, "ce") for m in a.ce.split(",") if m and i == 0]
         for method, loss in runs:
-            recipe = RECIPES[method]
+            recipe = named_recipe(method)
             t0 = time.perf_counter()
             torch.manual_seed(a.seed)
             model = with_rule(start, recipe.rule)

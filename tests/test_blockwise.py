@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import jacquant
 from jacquant.app import blockwise
 from jacquant.app.blockwise import BlockwiseConfig, train_blocks
-from jacquant.app.qat import RECIPES
+from jacquant.app.recipes import RECIPES
 
 from conftest import tiny_llama
 

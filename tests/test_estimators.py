@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import jacquant
-from jacquant.primitives.estimators import data_probe, dither, probe, probe_from_deltas, probe_mean, threshold_count
+from jacquant.primitives.estimators import dither, probe, probe_from_deltas, probe_mean, threshold_count
+from jacquant.qat.data_estimators import data_probe
 from jacquant.primitives.grid import SCALE_FLOOR, in_range_mask, init_minmax, qmax
 
 
@@ -131,38 +132,3 @@ def test_data_probe_needs_positive_args():
         data_probe(lambda: model(x).sum(), model, 1.0, 0)
     with pytest.raises(ValueError, match="no quantized site"):
         data_probe(lambda: x.sum(), nn.Linear(2, 2), 1.0, 1)
-
-
-def test_data_dither_on_a_linear_loss_equals_the_gaussian_dithered_slope():
-    """L = <C, Q(W)>: E[B̂_g] = Σ m C² D / Σ m C², D_i = Σ_k φ((τ_k − v_i)/σ)/σ (Stein's lemma, closed form)."""
-    from jacquant.research.elementwise import gaussian_slope
-    from jacquant.primitives.estimators import data_dither
-    from jacquant.primitives.grid import in_range_mask, scaled
-
-    torch.manual_seed(0)
-    model = jacquant.transform(nn.Sequential(nn.Linear(16, 2, bias=False)), bits=2, group=8, method="ste")
-    q = model[0].weight_quantizer
-    c = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
-    eye = torch.eye(16)
-    loss_fn = lambda: (model(eye) * c.t()).sum()  # model(I) = Q(W)^T
-    w0 = model[0].weight.detach().clone()
-    sigma = 0.5
-    b = data_dither(loss_fn, model, sigma, 6000, generator=torch.Generator().manual_seed(0))["0"]
-    assert torch.equal(model[0].weight, w0)
-    v = scaled(w0, q.scale.detach(), q.zero_point, 8)  # [2, 2, 8]
-    m = in_range_mask(w0, q.scale.detach(), q.zero_point, 2, 8).reshape(v.shape).float()
-    c2 = c.reshape(v.shape).square() * m
-    ref = (c2 * gaussian_slope(v, 2, sigma)).sum(-1) / c2.sum(-1)
-    np.testing.assert_allclose(b.numpy(), ref.numpy(), atol=0.15)
-
-
-def test_data_dither_through_refresh_needs_a_loss():
-    from jacquant.qat.refresh import RefreshConfig, attach, refresh
-
-    model = jacquant.transform(nn.Sequential(nn.Linear(16, 4)), bits=2, group=8)
-    attach(model, RefreshConfig(estimator="data_dither", width=0.5, n_probes=2))
-    with pytest.raises(ValueError, match="data_dither"):
-        refresh(model)
-    x = torch.randn(8, 16)
-    refresh(model, lambda: model(x).square().sum())
-    assert torch.isfinite(model[0].weight_quantizer.jac).all()

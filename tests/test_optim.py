@@ -118,27 +118,3 @@ def test_mars_gamma_zero_unclipped_equals_adamw():
 def test_mars_bad_args_name_the_field():
     with pytest.raises(ValueError, match="betas"):
         MarsAdamW([nn.Parameter(torch.zeros(1))], betas=(1.0, 0.9))
-
-
-def test_vr_momentum_two_steps_closed_form():
-    """c1 = g1, c2 = g2 + γβ/(1−β)(g2 − g1); m̂ bias-corrected; step = −lr·m̂/rms(m̂) per tensor."""
-    from jacquant.qat.optim import VRMomentum
-
-    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    opt = VRMomentum([p], lr=0.1, beta=0.9, gamma=0.5)
-    g1, g2 = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.5, 1.0, 1.0])
-    w = p.detach().clone().double()
-    m = torch.zeros(3, dtype=torch.float64)
-    for t, (g, c) in enumerate([(g1, g1), (g2, g2 + 0.5 * 9.0 * (g2 - g1))], start=1):
-        p.grad = g.clone()
-        opt.step()
-        m = 0.9 * m + 0.1 * c.double()
-        mh = m / (1 - 0.9 ** t)
-        w = w - 0.1 * mh / mh.square().mean().sqrt()
-        np.testing.assert_allclose(p.detach().numpy(), w.numpy(), rtol=1e-5, atol=1e-6)
-    # per-tensor normalisation keeps the ratio between coordinates (a per-element B survives)
-    q = nn.Parameter(torch.zeros(2))
-    opt = VRMomentum([q], lr=1.0, beta=0.0, gamma=0.0)
-    q.grad = torch.tensor([3.0, 1.0])
-    opt.step()
-    assert q[0].item() / q[1].item() == pytest.approx(3.0)

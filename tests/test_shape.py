@@ -1,6 +1,7 @@
-"""The learned-shape family (jacquant.research.shape) against independent references: Dither's closed-form coefficients
-against the numerical Fourier series of the periodic Gaussian slope, StableQAT's amplitude recovered from its
-projection, and Probe's regression recovering the secant slope of ±δ probes on a loss linear in Q(W)."""
+"""The learned-shape family (jacquant.research.shape) and its rule (jacquant.research.learned_shape) against
+independent references: Dither's closed-form coefficients against the numerical Fourier series of the periodic
+Gaussian slope, StableQAT's amplitude recovered from its projection, the hook's gradient against the series
+written out at r."""
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 import jacquant
 from jacquant.research import shape
-from jacquant.research.elementwise import ElementwiseConfig, _gauss_periodic, attach, bin_offset
+from jacquant.research.learned_shape import LearnedShape, attach
+from jacquant.research.shape import bin_offset
 from jacquant.qat.quantizer import sites
 
 R = torch.linspace(-0.5, 0.5, 2001)
@@ -21,16 +23,21 @@ def _series(values, n):
     return torch.stack([2 * torch.trapezoid(f * torch.cos(2 * math.pi * kk * R), R) for kk in k])
 
 
+def _gauss_periodic(r, sigma):
+    """The Gaussian-dithered quantizer's slope at bin offset r: Gaussians of width σ on the thresholds ±1/2, ±3/2."""
+    k = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+    d = (k - r.unsqueeze(-1)) / sigma
+    return torch.exp(-0.5 * d * d).sum(-1) / (sigma * math.sqrt(2 * math.pi))
+
+
 @pytest.mark.parametrize("sigma", [0.12, 0.2, 0.35])
 def test_dither_shape_is_the_fourier_series_of_the_gaussian_dithered_slope(sigma):
     want = _series(_gauss_periodic(R, sigma), 4)
     torch.testing.assert_close(shape.dither_shape(torch.tensor(sigma), 4), want, rtol=1e-3, atol=2e-4)
 
 
-def test_fourier_shape_round_trips_stableqat_amplitude_and_zero_is_ste():
+def test_fourier_shape_is_stableqats_factor_over_its_mean_and_zero_is_ste():
     torch.testing.assert_close(shape.fourier_shape(0.0, 3), torch.zeros(3), rtol=0, atol=1e-6)
-    for a in (0.05, 0.12, 0.2):
-        assert float(shape.amplitude_for_shape(shape.fourier_shape(a, 4))) == pytest.approx(a, abs=0.006)
     b = shape.shape_factor(R, shape.fourier_shape(0.1, 8))  # 8 terms: close to f_A / mean f_A (f_A has a kink at ±1/2)
     f = shape.fourier_factor(R, 0.1)
     err = (b - f / torch.trapezoid(f, R)).abs()
@@ -88,31 +95,13 @@ def test_positive_shrinks_only_shapes_that_dip_below_the_floor():
     assert torch.equal(shape.positive(mild), mild)
 
 
-def test_probe_recovers_the_secant_slope_of_its_probes_on_a_linear_loss():
-    """For L = <C, Q(W)>, a ±δ probe changes q_i by s·#thresholds in (v - δ, v + δ]: the secant slope
-    1/(2δ)·1[|r| > 1/2 - δ], whose mean-1 cosine series is a_k = (-1)^k sin(2πkδ)/(πkδ)."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(512, 256, bias=False)
-    model = jacquant.transform(torch.nn.Sequential(lin), bits=4, group=64, method="ste")
-    st = next(iter(sites(model)))
-    q = st.quantizer
-    with torch.no_grad():  # weights spread over the interior bins (codes 2..13), so no probe reaches the clamp
-        v = torch.rand(256, 512) * 11 + 2.5
-        q.zero_point.fill_(0)
-        st.weight.copy_((v.reshape(256, 8, 64) * q.scale.unsqueeze(-1)).reshape(256, 512))
-    x = torch.randn(4, 512)
-    loss = lambda: model(x).sum()  # noqa: E731  linear in Q(W): dL/dq_nk = sum_b x_bk
-    g = x.sum(0).expand(256, 512).clone()
-    r = bin_offset(st.weight, q.scale, q.zero_point, q.group)
-    delta = 0.3
-    got = shape.probe_shape(loss, [st], [g], [r], 3, delta, 400, torch.zeros(3), ridge=1e-6,
-                            generator=torch.Generator().manual_seed(1))[st.name]
-    k = torch.arange(1, 4, dtype=torch.float32)
-    want = (-1.0) ** k * torch.sin(2 * math.pi * k * delta) / (math.pi * k * delta)
-    torch.testing.assert_close(got, shape.positive(want), rtol=0, atol=0.08)
+def test_bin_offset_is_distance_to_grid_point_in_scale_units():
+    w = torch.tensor([[0.3, 1.45, 2.3, 3.55]])
+    s, z = torch.ones(1, 1), torch.zeros(1, 1)
+    torch.testing.assert_close(bin_offset(w, s, z, 4), torch.tensor([[0.3, 0.45, 0.3, -0.45]]), rtol=0, atol=1e-5)
 
 
-def _hooked_steps(cfg, n, steps=None):
+def _hooked_steps(cfg, n):
     """A Linear(64, 32) transformed W2 g32 (rule "ste") with ``cfg``'s hook on SGD(lr = 0), loss Σ y² on one batch.
 
     Per step t yields (t, site, hooks, g0, r) just after ``opt.step()``: g0 the weight's gradient before the hook,
@@ -122,7 +111,7 @@ def _hooked_steps(cfg, n, steps=None):
     model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="ste")
     st = next(iter(sites(model)))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    hooks = attach(opt, model, cfg, steps=steps)
+    hooks = attach(opt, model, cfg)
     x = torch.randn(8, 64)
     for t in range(n):
         model(x).square().sum().backward()
@@ -135,7 +124,7 @@ def _hooked_steps(cfg, n, steps=None):
 
 
 def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel():
-    cfg = ElementwiseConfig(rule="shape", fit="dither", refresh_every=2, n_basis=3)
+    cfg = LearnedShape(refresh_every=2, n_basis=3)
     # refreshes at t = 0 (StableQAT's shape, no history yet) and t = 2 (σ = the travel since t = 0)
     for t, st, hooks, g0, r in _hooked_steps(cfg, 3):
         if t == 0:
@@ -148,57 +137,22 @@ def test_hook_multiplies_the_gradient_by_the_shape_and_dither_refits_from_travel
     assert len(hooks.seconds) == 3 and all(s > 0 for s in hooks.seconds)  # the rule's own time, one entry per step
 
 
-def test_per_group_dither_hook_fits_one_shape_per_group_from_each_groups_travel():
-    """per="group": after a refresh each group's shape is Dither's at that group's own travel (two travels here),
-    and the gradient is multiplied by its group's B."""
-    cfg = ElementwiseConfig(rule="shape", fit="dither", per="group", refresh_every=2, n_basis=3)
-    for t, st, hooks, g0, r in _hooked_steps(cfg, 3):
-        if t == 1:
-            with torch.no_grad():  # group 0 of each row travels 0.1 bin, group 1 travels 0.3 bin
-                s = st.quantizer.scale
-                st.weight[:, :32].add_(0.1 * s[:, :1])
-                st.weight[:, 32:].add_(0.3 * s[:, 1:])
-        if t == 2:
-            a = hooks.shapes[st.name]  # [N, K/G, n]
-            for j, sigma in enumerate((0.1, 0.3)):
-                want = shape.positive(shape.dither_shape(torch.tensor(sigma), 3))
-                torch.testing.assert_close(a[:, j], want.expand_as(a[:, j]), rtol=1e-4, atol=1e-5)
-            b = shape.shape_factor(r.reshape(r.shape[0], -1, 32), a.unsqueeze(-2))  # r as [N, K/G, G]
-            torch.testing.assert_close(st.weight.grad, g0 * b.reshape(g0.shape), rtol=1e-5, atol=1e-6)
-    assert len(hooks.history) == 2 and all(0 < c < 1 for c in hooks.history[-1]["contrast"].values())
-
-
-@pytest.mark.parametrize("schedule", ["decay", "grow"])
-def test_amplitude_schedule_scales_stableqat_factor_by_the_step(schedule):
-    """Step t of T: the gradient is multiplied by f_{A_t}(r), A_t = A(1 − t/T) or A·t/T, written out here."""
-    for t, st, _, g0, r in _hooked_steps(ElementwiseConfig(rule="fourier", schedule=schedule), 4, steps=4):
-        a_t = 0.21 * (1 - t / 4) if schedule == "decay" else 0.21 * t / 4
-        c = math.sqrt(2) * math.pi * a_t * torch.cos(math.pi * r)
-        torch.testing.assert_close(st.weight.grad, g0 * (1 - c) / (1 + c))
-    model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="ste")
-    with pytest.raises(ValueError, match="pass steps"):
-        attach(torch.optim.SGD(model.parameters(), lr=0.0), model, ElementwiseConfig(rule="fourier", schedule=schedule))
-    with pytest.raises(ValueError, match="fit 'fixed' only"):
-        ElementwiseConfig(rule="fourier", fit="dither", schedule=schedule)
-
-
 def test_bad_shape_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="fit='probe' regresses one shape per layer"):
-        ElementwiseConfig(rule="shape", fit="probe", per="group")
-    with pytest.raises(ValueError, match="use rule 'shape' or 'fourier'"):
-        ElementwiseConfig(rule="gauss", fit="dither")
+    with pytest.raises(ValueError, match="refresh_every"):
+        LearnedShape(refresh_every=0)
+    model = jacquant.transform(torch.nn.Sequential(torch.nn.Linear(64, 32)), bits=2, group=32, method="stableqat")
+    with pytest.raises(ValueError, match="method='ste'"):
+        attach(torch.optim.SGD(model.parameters(), lr=0.0), model)
 
 
-def test_hook_seconds_are_the_pre_and_post_hook_intervals_of_each_step(monkeypatch):
-    """``hooks.seconds[t]`` is (end − start of the pre-step hook) + (end − start of the post-step hook), read on a
-    fake clock that advances by known amounts: nothing outside the two hooks (forward, backward, the optimizer's own
-    update) is counted."""
+def test_hook_seconds_are_the_pre_step_hook_interval_of_each_step(monkeypatch):
+    """``hooks.seconds[t]`` is end − start of the pre-step hook, read on a fake clock that advances by known amounts:
+    nothing outside the hook (forward, backward, the optimizer's own update) is counted."""
     import types
 
-    import jacquant.research.elementwise as ew
-    ticks = iter([0.0, 1.5, 10.0, 10.25,   # step 0: pre hook 1.5 s, post hook 0.25 s
-                  20.0, 22.0, 30.0, 30.5])  # step 1: pre hook 2 s, post hook 0.5 s
-    monkeypatch.setattr(ew, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
-    cfg = ElementwiseConfig(rule="shape", fit="dither", refresh_every=100, n_basis=3)
-    seen = [hooks.seconds.copy() for _, _, hooks, _, _ in _hooked_steps(cfg, 2)]
-    assert seen == [[1.75], [1.75, 2.5]]
+    import jacquant.research.learned_shape as ls
+    ticks = iter([0.0, 1.5,     # step 0: 1.5 s
+                  20.0, 22.0])  # step 1: 2 s
+    monkeypatch.setattr(ls, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    seen = [hooks.seconds.copy() for _, _, hooks, _, _ in _hooked_steps(LearnedShape(refresh_every=100), 2)]
+    assert seen == [[1.5], [1.5, 2.0]]

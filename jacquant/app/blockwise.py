@@ -7,7 +7,7 @@ For block i of a transformed LM, with cached activations of the calibration wind
                or X_i^fp (the fp model's own activations; ``inputs="fp"``)
     loss       mean ‖q_block_i(X_i) − Y_i‖²                (weights, scales and norms of the block)
 
-trained by :func:`jacquant.app.qat.train` with the recipe's own backward rule (STE, StableQAT, JacQuant,
+trained by :func:`jacquant.app.train.train` with the recipe's own backward rule (STE, StableQAT, JacQuant,
 the per-element hooks), so the methods compare here as they do end to end; then X_{i+1}^q =
 q_block_i(X_i^q) and X_{i+1}^fp = Y_i. With quantized inputs a block also learns to undo the error
 of the blocks before it (as EfficientQAT's Block-AP and OmniQuant do).
@@ -31,7 +31,8 @@ from tqdm import tqdm
 from jacquant.calibration.blocks import ActivationCache, BlockInputs, capture_inputs, find_blocks
 from jacquant.calibration.gptq import default_run
 from jacquant.qat.refresh import detach
-from jacquant.app.qat import Recipe, train
+from jacquant.app.recipes import Recipe
+from jacquant.app.train import train
 
 INPUTS = ("quantized", "fp")
 LOSSES = ("mse", "channel")

@@ -1,6 +1,6 @@
 """The ``jacquant`` command line: thin argument parsing over library calls.
 
-    jacquant run                  the whole story on the bundled default (≤ 30 min on 2 CPU cores)
+    jacquant run                  the whole story on the bundled default (about 45 min on 2 CPU cores)
     jacquant run --quick          the same in miniature (< 3 min), for a smoke test
     jacquant train MODEL --text FILE ... --out DIR      2-bit QAT of your causal LM (HF directory or .gguf)
     jacquant eval MODEL --text FILE ... [--out DIR]     perplexity, full precision or trained
@@ -73,7 +73,7 @@ def pipeline_from_args(args: argparse.Namespace, base, **fixed):
 
 def build_parser() -> argparse.ArgumentParser:
     from jacquant.app.lm_track import DEFAULT
-    from jacquant.app.qat import DEFAULT_JACQUANT, DEFAULT_METHODS, RECIPES
+    from jacquant.app.recipes import DEFAULT_JACQUANT, DEFAULT_METHODS, RECIPES, RESEARCH, TRAINED
     from jacquant.app.commands import TrainArgs
 
     parser = argparse.ArgumentParser(
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--quick", action="store_true", help="a miniature run (< 3 min) that checks the whole pipeline")
     run.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                     help=f"comma-separated, from {', '.join(RECIPES)} (default {','.join(DEFAULT_METHODS)})")
+                     help=f"comma-separated, from {', '.join(RECIPES)} (default {','.join(DEFAULT_METHODS)}; research rules "
+                          f"kept for study, trained only when named: {', '.join(RESEARCH)})")
     run.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1; 3 for the full matrix)")
     run.add_argument("--tracks", default="lm,encoder", help="lm, encoder or both (default lm,encoder)")
     run.add_argument("--steps", type=int, default=None, help="QAT steps per LM run (default: the track's budget)")
@@ -108,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text", nargs="+", required=True, help="training text files (the last 10%% validates)")
     tr.add_argument("--out", required=True, help="output directory")
     _common(tr)
-    tr.add_argument("--method", default=DEFAULT_JACQUANT, choices=[k for k, r in RECIPES.items() if r.train],
-                    help=f"QAT method (default {DEFAULT_JACQUANT}: B per group, refreshed by Dither)")
+    tr.add_argument("--method", default=DEFAULT_JACQUANT, metavar="{" + ",".join(TRAINED) + "}",
+                    help=f"QAT method (default {DEFAULT_JACQUANT}: B per group, refreshed by Dither; research rules, "
+                         f"only when named: {', '.join(RESEARCH)})")
     tr.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
     tr.add_argument("--tokens", type=int, default=None, help="training tokens instead of --steps")
     tr.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")

@@ -32,7 +32,8 @@ from jacquant.config import QuantConfig
 from jacquant.export.convert import convert, load_converted, save_converted
 from jacquant.qat.plot import plot
 from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, gptq_start, run_phases
-from jacquant.app.qat import DEFAULT_JACQUANT, RECIPES
+from jacquant.app.recipes import DEFAULT_JACQUANT, RESEARCH, TRAINED
+from jacquant.app.recipes import recipe as named_recipe
 
 VALID_FRACTION = 0.1
 
@@ -103,9 +104,9 @@ def perplexity(model: nn.Module, ids: Tensor, seq: int, windows: int) -> float:
 
 def train_model(a: TrainArgs, log=print) -> dict:
     """QAT of the user's model on the user's text; writes the output directory; returns the summary."""
-    if a.method not in RECIPES or not RECIPES[a.method].train:
-        raise ValueError(f"--method {a.method!r}: choose a trained method from "
-                         f"{[k for k, r in RECIPES.items() if r.train]}")
+    if a.method not in TRAINED and a.method not in RESEARCH:
+        raise ValueError(f"--method {a.method!r}: choose a trained method from {list(TRAINED)} "
+                         f"(research rules: {list(RESEARCH)})")
     if a.steps is not None and a.tokens is not None:
         raise ValueError("give --steps or --tokens, not both")
     steps = a.steps if a.steps is not None else max(1, a.tokens // (a.batch * a.seq)) if a.tokens else 200
@@ -118,7 +119,7 @@ def train_model(a: TrainArgs, log=print) -> dict:
     log(f"{a.model}: {sum(p.numel() for p in fp.parameters()) / 1e6:.1f} M parameters; {len(train_ids):,} training "
         f"and {len(valid_ids):,} validation tokens ({'bytes' if tok is None else type(tok).__name__})")
     fp_ppl = perplexity(fp, valid_ids, a.seq, a.eval_windows)
-    recipe = RECIPES[a.method]
+    recipe = named_recipe(a.method)
     config = a.config()
     pipe = a.pipeline
     os.makedirs(a.out, exist_ok=True)

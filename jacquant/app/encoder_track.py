@@ -42,7 +42,8 @@ from torch import Tensor
 
 from jacquant.app import data
 from jacquant.config import QuantConfig
-from jacquant.app.qat import Recipe, quantize_copy, train
+from jacquant.app.recipes import Recipe
+from jacquant.app.train import quantize_copy, train
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
@@ -309,7 +310,7 @@ def run(methods: list[Recipe], seeds: list[int], bits: int, group: int, steps: i
     """2-bit (``bits``) QAT of all-MiniLM-L6-v2 by each method and seed, distilled from the fp encoder.
 
     Each (method, seed): ``quantize_copy`` of the fp :class:`SentenceEncoder` (group ``group``), then,
-    unless the recipe is RTN, ``steps`` steps of :func:`jacquant.app.qat.train` on :func:`distill_loss`
+    unless the recipe is RTN, ``steps`` steps of :func:`jacquant.app.train.train` on :func:`distill_loss`
     with AdamW at ``lr``, ``batch`` sentences of at most ``max_len`` tokens per step; the batches
     depend on the seed only (:func:`batch_indices`), so every method sees the same ones. The
     data-driven Probe's calibration batch is the first ``batch`` training sentences.

@@ -40,7 +40,7 @@ from jacquant.app import data, models
 from jacquant.config import QuantConfig
 from jacquant.app.blockwise import BlockwiseConfig
 from jacquant.app.pipeline import Phases, Pipeline, calibrated_start, calibration_windows, run_phases, with_rule
-from jacquant.app.qat import Recipe
+from jacquant.app.recipes import Recipe
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
            "A dictionary in Python maps")

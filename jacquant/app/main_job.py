@@ -25,7 +25,7 @@ import torch
 
 from jacquant.qat import plot
 from jacquant.app import data, lm_track, report
-from jacquant.app.qat import DEFAULT_METHODS, recipes
+from jacquant.app.recipes import DEFAULT_METHODS, recipes
 
 TRACKS = ("lm", "encoder")
 

@@ -4,7 +4,7 @@
                  "gptq": :func:`jacquant.calibrate` on ``calib_windows`` windows of ``calib_seq`` tokens
     block-wise   each decoder block trained against the fp block's outputs on the same windows
                  (:mod:`jacquant.app.blockwise`, the method's own backward rule); skipped at 0 steps
-    end to end   :func:`jacquant.app.qat.train` with KD or CE on the training stream, all parameters
+    end to end   :func:`jacquant.app.train.train` with KD or CE on the training stream, all parameters
                  or the scales only (``e2e_params``)
 
 The start does not depend on the method (the backward rule is not used by it), so one calibrated
@@ -28,7 +28,8 @@ from jacquant.config import QuantConfig
 from jacquant.qat.quantizer import sites
 from jacquant.app import data
 from jacquant.app.blockwise import BlockwiseConfig, train_blocks
-from jacquant.app.qat import Recipe, train
+from jacquant.app.recipes import Recipe
+from jacquant.app.train import train
 
 STARTS = ("rtn", "gptq")
 E2E_PARAMS = ("all", "scales")
@@ -159,12 +160,12 @@ def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, pipeli
                      not ``skip_block``: a resumed run whose end-to-end checkpoint already holds it); resumable
                      in ``block_dir``; then ``after_block()`` if given
         scales only  every parameter but the quantizers' scales frozen (``pipeline.e2e_params == "scales"``)
-        end to end   :func:`jacquant.app.qat.train` on ``steps`` batches [batch, seq + 1] of :func:`e2e_batches`
+        end to end   :func:`jacquant.app.train.train` on ``steps`` batches [batch, seq + 1] of :func:`e2e_batches`
                      (seeded ``batch_seed``) with ``objective``, peak ``lr``, warm-up steps/20; the estimators'
                      probe batch is one more batch of the training stream (seeded ``probe_seed``, from the same data)
 
     ``fp`` (the full-precision model) is needed by the block-wise phase only. ``train_kwargs`` go to
-    :func:`jacquant.app.qat.train` (log_path, checkpoint, desc, ...).
+    :func:`jacquant.app.train.train` (log_path, checkpoint, desc, ...).
     """
     block_curves: list = []
     if pipeline.block.steps and not skip_block:

@@ -1,8 +1,8 @@
-"""Data-driven estimators of JacQuant's B̂ [N, K/G]: they measure the training loss at perturbed weights.
+"""The data-driven estimator of JacQuant's B̂ [N, K/G]: they measure the training loss at perturbed weights.
 
 Notation as in :mod:`jacquant.primitives.estimators` (the closed forms over one weight tensor):
-v = w/s + z, groups of G along K. :func:`data_dither` and :func:`data_probe` perturb every site's
-weights at once (antithetic pairs ±), read the loss, and regress the change on the perturbation
+v = w/s + z, groups of G along K. :func:`data_probe` perturbs every site's
+weights at once (antithetic pairs ±), reads the loss, and regresses the change on the perturbation
 per group; the weights are restored bit for bit afterwards.
 """
 from __future__ import annotations
@@ -73,46 +73,6 @@ def _antithetic(loss_fn: Callable[[], Tensor], found: list[Site], saved: list[Te
     loss_plus = float(loss_fn())
     _set_weights(found, saved, steps, -1.0)
     return loss_plus - float(loss_fn())
-
-
-def data_dither(
-    loss_fn: Callable[[], Tensor],
-    model_or_sites: torch.nn.Module | Iterable[Site],
-    sigma: float,
-    n_probes: int,
-    generator: Optional[torch.Generator] = None,
-) -> dict[str, Tensor]:
-    """Data-driven Dither (method.md): fit B̂ per group from antithetic Gaussian dithers of the loss.
-
-    With a = m ⊙ dL/dq (the clipped-STE gradient), per probe p a dither u ~ N(0, σ² s_g²) on every
-    weight of every site at once:
-
-        ΔL_p = L(Q(W + u)) − L(Q(W − u)),     ĝ_p = ΔL_p · u / (2 σ² s²)
-        B̂_g  = mean_p ⟨ĝ_p,g, a_g⟩ / ‖a_g‖²
-
-    ĝ estimates the gradient of the smoothed loss E_u L(Q(W + u)) (Stein's lemma, antithetic). For a
-    loss linear in Q, L = ⟨C, Q(W)⟩, E[B̂_g] = Σ_i C_i a_i D_i / Σ_i a_i², D_i the Gaussian-dithered
-    slope :func:`jacquant.research.elementwise.gaussian_slope` at v_i (a test checks this). Different groups'
-    terms are zero-mean noise that falls as 1/sqrt(n_probes). A group with ‖a_g‖ = 0 gets B̂ = 1.
-    ``sigma`` is in scale units. Weights are restored bit for bit afterwards.
-    """
-    _check_width("data_dither sigma", sigma)
-    found = _data_sites("data_dither", model_or_sites, n_probes)
-    a_dir = _ste_gradients(loss_fn, found)
-    sd = [sigma * s.quantizer.scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR) for s in found]  # [N, K/G]
-    num = [torch.zeros_like(e) for e in sd]
-    with _weights_restored(found) as saved:
-        for _ in range(n_probes):
-            us = [torch.randn(a.shape, generator=generator).to(a.device) * e.unsqueeze(-1) for a, e in zip(a_dir, sd)]
-            dl = _antithetic(loss_fn, found, saved, us)
-            for i, (u, a, e) in enumerate(zip(us, a_dir, sd)):
-                num[i] += dl * (u * a).sum(-1) / (2 * e * e)
-    out = {}
-    for s, n_, a in zip(found, num, a_dir):
-        den = a.square().sum(-1)
-        out[s.name] = torch.where(den > 0, n_ / n_probes / den.clamp_min(torch.finfo(torch.float32).tiny),
-                                  torch.ones_like(den))
-    return out
 
 
 def data_probe(

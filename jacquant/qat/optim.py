@@ -150,37 +150,3 @@ class MarsAdamW(_Corrected):
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
-
-
-class VRMomentum(_Corrected):
-    """Variance-reduced momentum, normalised per tensor (not per coordinate), so that a per-element or
-    per-group B on the gradient is not cancelled as it is by Adam's per-coordinate RMS:
-
-        c_t = g_t + γ · β/(1 - β) · (g_t - g_{t-1})              (MARS/STORM-style correction; c_1 = g_1)
-        m_t = β m_{t-1} + (1 - β) c_t,   m̂_t = m_t / (1 - β^t)
-        w  ← w (1 - lr·λ_wd) - lr · m̂_t / (rms(m̂_t) + ε)        (rms over the whole tensor)
-
-    The per-tensor normalisation makes ``lr`` the RMS step per coordinate, the same units as Adam's
-    lr, while the ratio between coordinates (and so B) is kept.
-    """
-
-    def __init__(self, params: Iterable, lr: float = 1e-3, beta: float = 0.9, gamma: float = 0.025,
-                 eps: float = 1e-12, weight_decay: float = 0.0):
-        if lr < 0 or eps < 0 or weight_decay < 0 or gamma < 0 or not 0.0 <= beta < 1.0:
-            raise ValueError(f"VRMomentum: lr={lr}, eps={eps}, weight_decay={weight_decay}, gamma={gamma} must be "
-                             f">= 0 and beta={beta} in [0, 1)")
-        super().__init__(params, dict(lr=lr, beta=beta, gamma=gamma, eps=eps, weight_decay=weight_decay))
-
-    def _init_state(self, st: dict, p: Tensor) -> None:
-        st["step"] = 0
-        st["momentum"] = torch.zeros_like(p)
-
-    def _update(self, p: Tensor, c: Tensor, st: dict, group: dict) -> None:
-        b = group["beta"]
-        st["step"] += 1
-        m = st["momentum"].mul_(b).add_(c, alpha=1 - b)
-        m_hat = m / (1 - b ** st["step"])
-        rms = m_hat.square().mean().sqrt()
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(m_hat / (rms + group["eps"]), alpha=-group["lr"])

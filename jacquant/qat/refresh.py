@@ -27,11 +27,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from jacquant.primitives import estimators
 from jacquant.kernels import estimators as fast
+from jacquant.primitives import estimators
+from jacquant.qat.data_estimators import data_probe
 from jacquant.qat.quantizer import sites
 
-ESTIMATORS = ("dither", "probe", "data_probe", "data_dither")
+ESTIMATORS = ("dither", "probe", "data_probe")
 STEP, RNG = "jacquant_step", "jacquant_rng"
 
 
@@ -41,14 +42,13 @@ class RefreshConfig:
 
     Attributes:
         estimator: ``"dither"`` (closed form), ``"probe"`` (sampled, closed form in expectation),
-            ``"data_probe"`` or ``"data_dither"`` (measure the loss; need ``loss_fn`` in :func:`step`).
-        width: the estimator's width in scale units: Dither's h, Probe's δ_max, data Probe's δ,
-            data Dither's σ.
+            ``"data_probe"`` (measures the loss; needs ``loss_fn`` in :func:`step`).
+        width: the estimator's width in scale units: Dither's h, Probe's δ_max, data Probe's δ.
         refresh_every: K, steps between refreshes (refresh at step 0, K, 2K, ...).
         beta: β, smoothing of B across refreshes (0 = take the new estimate).
         lam: λ, shrinkage of B̂ towards 1 (STE); 0 keeps B = 1.
         b_min, b_max: bounds of the clipped estimate.
-        n_probes: probes per refresh for ``"data_probe"`` and ``"data_dither"``.
+        n_probes: probes per refresh for ``"data_probe"``.
         seed: seed of the estimator's RNG (``"probe"``, ``"data_probe"``).
 
     Defaults from ``benchmarks/width_sweep.py`` (W2 g64 MLP distillation, 300 steps, 2 seeds): with
@@ -147,13 +147,12 @@ def refresh(model: nn.Module, loss_fn: Optional[Callable[[], Tensor]] = None) ->
     state = state_of(model) or attach(model)
     c = state.config
     gen = state.generator()
-    if c.estimator in ("data_probe", "data_dither"):
+    if c.estimator == "data_probe":
         if loss_fn is None:
             raise ValueError(f"RefreshConfig.estimator={c.estimator!r} measures the loss: call "
                              "jacquant.step(model, loss_fn=lambda: loss_on_calibration_batch(model))")
-        fit = estimators.data_probe if c.estimator == "data_probe" else estimators.data_dither
         with torch.enable_grad():
-            b_hats = fit(loss_fn, model, c.width, c.n_probes, generator=gen)
+            b_hats = data_probe(loss_fn, model, c.width, c.n_probes, generator=gen)
     for s in sites(model):
         q = s.quantizer
         w, scale, zero_point = q.grid_inputs(q.as_nk(s.weight.detach()))  # v = w/s + z as the forward has it

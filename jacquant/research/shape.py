@@ -1,44 +1,32 @@
-"""The learned shape of the quantizer's Jacobian across a bin: a family, and estimators that fit it from data.
+"""The learned shape of the quantizer's Jacobian across a bin: a family, and the Dither fit of it.
 
 Notation (method.md): v = w/s + z, r = v − round(v) ∈ [−½, ½] the position of a weight in its bin
 (r = 0 on a grid point, r = ±½ on a decision threshold), g = m ⊙ dL/dq the clipped-STE gradient.
-A per-element surrogate multiplies g by B(r). The family (issue 21):
+A per-element surrogate multiplies g by B(r). The family:
 
     B(r) = 1 + Σ_{k=1}^{n} a_k · cos(2πk r)            (mean 1 over the bin; a = 0 is STE)
 
-with one coefficient vector a per layer or per group. StableQAT's factor f_A(r) = (1 − c·cos πr)/(1 + c·cos πr),
-c = √2·π·A, is, divided by its mean, one point of it (:func:`fourier_shape`); "amplitude only" ablations
-use f_A itself with A fitted (:func:`amplitude_for_shape`). Under AdamW a constant factor cancels, so only
-the *shape* (the ratio between weights at different r, and how it changes as weights move) can matter; the
-mean-1 normalisation just fixes the scale.
+with one coefficient vector a per layer. StableQAT's factor f_A(r) = (1 − c·cos πr)/(1 + c·cos πr),
+c = √2·π·A, is, divided by its mean, one point of it (:func:`fourier_shape`): the prior before any fit.
+Under AdamW a constant factor cancels, so only the *shape* (the ratio between weights at different r, and
+how it changes as weights move) can matter; the mean-1 normalisation just fixes the scale.
 
-Estimators of a:
-
-- Dither (:func:`dither_shape`): the slope of the Gaussian-dithered quantizer, d/dw E_u[Q(w + u)],
-  u ~ N(0, σ²s²), as a function of r is a periodic comb of Gaussians centred on the thresholds, whose
-  Fourier series is exactly  1 + Σ_k 2(−1)^k e^{−2π²k²σ²} cos(2πk r)  (mean 1). σ is *measured*: the
-  distance the weights actually travel between refreshes, RMS |w_t − w_{t−K}|/s per layer or group
-  (:func:`travel`): a layer whose weights move a bin or more gets STE, one whose weights creep gets a
-  sharp shape.
-- Probe (:func:`probe_shape`): random sign probes ±δ·s·ε of every site at once, the loss change they cause
-  ΔL_p = L(Q(W + δsε)) − L(Q(W − δsε)) regressed (ridge, toward a prior) on the features
-  x_{ℓ,k,p} = 2 Σ_{i∈ℓ} cos(2πk r_i)·g_i·δs_iε_i (k = 0 the constant): the shape whose surrogate gradient best
-  predicts what the probes measured. One regression for all sites: affordable where the loss is cheap and the
-  sites few (a decoder block in the block-wise phase).
-
-Every fitted shape is made safe the same way (:func:`positive`): if B dips below ``b_min`` anywhere in the
-bin, the coefficients are shrunk toward 0 until it does not.
+The fit (Dither, :func:`dither_shape`): the slope of the Gaussian-dithered quantizer, d/dw E_u[Q(w + u)],
+u ~ N(0, σ²s²), as a function of r is a periodic comb of Gaussians centred on the thresholds, whose
+Fourier series is exactly  1 + Σ_k 2(−1)^k e^{−2π²k²σ²} cos(2πk r)  (mean 1). σ is *measured*: the
+distance the weights actually travel between refreshes, RMS |w_t − w_{t−K}|/s per layer (:func:`travel`):
+a layer whose weights move a bin or more gets STE, one whose weights creep gets a sharp shape. Every fitted
+shape is made safe (:func:`positive`): if B dips below ``b_min`` anywhere in the bin, the coefficients are
+shrunk toward 0 until it does not.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from jacquant.primitives.grid import SCALE_FLOOR, grouped, scaled
-from jacquant.qat.quantizer import Site
 
 _GRID = (torch.arange(200, dtype=torch.float32) + 0.5) / 200 - 0.5  # bin midpoints: means are exact for low harmonics
 
@@ -84,14 +72,6 @@ def fourier_factor(r: Tensor, amplitude) -> Tensor:
     return (1 - c) / (1 + c)
 
 
-def scheduled_amplitude(amplitude: float, schedule: str, t: int, steps: Optional[int]) -> float:
-    """A_t for a hand schedule over T = ``steps``: A ("constant"), A·(1 − t/T) ("decay"), A·t/T ("grow")."""
-    if schedule == "constant":
-        return amplitude
-    frac = min(max(t / steps, 0.0), 1.0)
-    return amplitude * (1.0 - frac if schedule == "decay" else frac)
-
-
 def project(values: Tensor, n: int) -> Tensor:
     """Coefficients a [n] of the mean-1 cosine series nearest to ``values`` sampled on the bin grid (divided by
     their mean first): a_k = 2·mean_r(f(r)/mean f · cos 2πk r), the orthogonal projection on [−½, ½]."""
@@ -102,26 +82,6 @@ def project(values: Tensor, n: int) -> Tensor:
 def fourier_shape(amplitude: float, n: int) -> Tensor:
     """StableQAT's factor with amplitude A as a point of the family: :func:`project` of f_A, [n]."""
     return project(fourier_factor(_GRID, amplitude), n)
-
-
-def amplitude_for_shape(coeffs: Tensor, candidates: Optional[Tensor] = None) -> Tensor:
-    """The A whose mean-normalised f_A is nearest (least squares over the bin) to each shape ``coeffs`` [..., n];
-    A on a grid in [0, 0.22] (0 = STE). Returns [...]."""
-    cand = torch.linspace(0.0, 0.22, 45) if candidates is None else candidates
-    f = fourier_factor(_GRID.unsqueeze(0), cand.unsqueeze(1))  # [C, R]
-    f = f / f.mean(1, keepdim=True)
-    target = shape_factor(_GRID, coeffs.unsqueeze(-2))  # [..., R]
-    err = (target.unsqueeze(-2) - f).square().mean(-1)  # [..., C]
-    return cand[err.argmin(-1)]
-
-
-def amplitude_for_sigma(sigma: Tensor, n: int) -> Tensor:
-    """:func:`amplitude_for_shape` of the :func:`positive` :func:`dither_shape` of width σ, by table lookup
-    (σ on a log grid from 0.01 to 2 bins), elementwise for any shape of ``sigma``."""
-    grid = torch.logspace(-2, math.log10(2.0), 120)
-    table = amplitude_for_shape(positive(dither_shape(grid, n)))
-    idx = torch.bucketize(sigma.to(torch.float32).clamp(grid[0], grid[-1]).contiguous(), grid).clamp_max(len(grid) - 1)
-    return table[idx]
 
 
 def dither_shape(sigma: Tensor, n: int) -> Tensor:
@@ -149,51 +109,7 @@ def travel(w_now: Tensor, w_before: Tensor, scale: Tensor, group: int, per: str)
     return d2.mean().sqrt() if per == "layer" else d2.mean(-1).sqrt()
 
 
-def probe_shape(loss_fn: Callable[[], Tensor], found: Sequence[Site], grads: Sequence[Tensor], offsets: Sequence[Tensor],
-                n: int, delta: float, n_probes: int, prior: Tensor, ridge: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
-    """Probe: fit one shape per site by ridge regression of measured loss changes (module docstring).
-
-    ``grads`` and ``offsets``: g = m ⊙ dL/dq and r per site, [N, K] (the caller has them from the step).
-    Per probe p, ε_i = ±1 on every weight of every site, step δ·s·ε, ΔL_p = L(W + step) − L(W − step);
-    features x_{ℓ,k,p} = 2 Σ_i φ_k(r_i) g_i δ s_i ε_i with φ_0 = 1, φ_k = cos 2πk r. Solve for per-site
-    coefficients b_ℓ = (b_ℓ0, ..., b_ℓn) minimising Σ_p (ΔL_p − Σ_ℓ ⟨b_ℓ, x_ℓ,p⟩)² + ridge·Σ_ℓ ‖D_ℓ(b_ℓ − b*_ℓ)‖²,
-    where b*_ℓ = (1, prior) and D_ℓ scales each feature to unit RMS (so ``ridge`` is in probe units); the shape is
-    a_ℓ = b_ℓ,1..n / b_ℓ0 (mean-1), the prior where b_ℓ0 <= 0. Weights are restored bit for bit; 2·n_probes
-    calls of ``loss_fn``.
-    """
-    saved = [st.weight.detach().clone() for st in found]
-    feats, dls = [], []
-    try:
-        with torch.no_grad():
-            for _ in range(n_probes):
-                row, steps = [], []
-                for st, g, r in zip(found, grads, offsets):
-                    q = st.quantizer
-                    eps = torch.randint(0, 2, g.shape, generator=generator).to(g.device, torch.float32) * 2 - 1
-                    s = q.scale.detach().to(torch.float32).clamp_min(SCALE_FLOOR).repeat_interleave(q.group, dim=1)
-                    step = delta * s * eps  # [N, K]
-                    steps.append(step)
-                    phi = torch.cat([torch.ones_like(r).unsqueeze(-1), cosine_basis(r, n)], -1)  # [N, K, n+1]
-                    row.append(2 * (phi * (g.to(torch.float32) * step).unsqueeze(-1)).sum((0, 1)))
-                losses = []
-                for sign in (1.0, -1.0):
-                    for st, w0, step in zip(found, saved, steps):
-                        st.quantizer.as_nk(st.weight).copy_(st.quantizer.as_nk(w0) + sign * step.to(w0.dtype))
-                    losses.append(float(loss_fn()))
-                feats.append(torch.cat(row))
-                dls.append(losses[0] - losses[1])
-    finally:
-        with torch.no_grad():
-            for st, w0 in zip(found, saved):
-                st.weight.copy_(w0)
-    x = torch.stack(feats).double()  # [P, L·(n+1)]
-    y = torch.tensor(dls, dtype=torch.float64)
-    target = torch.cat([torch.ones(1), prior.to(torch.float32)]).double().repeat(len(found))
-    d = x.square().mean(0).sqrt().clamp_min(1e-30)  # per-feature RMS: the ridge acts in the features' own units
-    a_mat = x.t() @ x + ridge * torch.diag(d * d)
-    b = torch.linalg.solve(a_mat, x.t() @ y + ridge * d * d * target).reshape(len(found), n + 1).float()
-    out = {}
-    for st, bl in zip(found, b):
-        out[st.name] = positive(bl[1:] / bl[0]) if bl[0] > 0 else prior.clone()
-    return out
+def bin_offset(w: Tensor, scale: Tensor, zero_point: Tensor, group: int) -> Tensor:
+    """r = v − round(v), v = w/s + z: the position of each weight in its bin, in [−½, ½], [N, K] fp32."""
+    v = scaled(w.detach(), scale.detach(), zero_point, group)
+    return (v - v.round()).reshape(w.shape).to(torch.float32)
