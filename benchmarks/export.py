@@ -48,7 +48,7 @@ import jacquant
 from jacquant.export import export_onnx
 from jacquant.export.generation import Decoder, session
 
-LLAMA_CPP = "llama.cpp Q4_1 (issue 15, llama-cpp-python, 2 threads): 154 tokens/s prefill (128), 88 tokens/s decode"
+LLAMA_CPP = "llama.cpp Q4_1 (llama-cpp-python, 2 threads): 154 tokens/s prefill (128), 88 tokens/s decode"
 
 
 def file_size(path: str) -> int:

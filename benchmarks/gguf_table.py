@@ -34,7 +34,7 @@ import time
 import torch
 
 import jacquant
-from jacquant.app import data, lm_track, models
+from jacquant.app import data, lm_track, models, pipeline
 from jacquant.app.recipes import recipe
 from jacquant.export import export_gguf, export_onnx, llamacpp
 
@@ -65,7 +65,7 @@ def train(fp, toks, config, method: str, out: str, name: str, lr=None):
     if os.path.exists(path):
         model = jacquant.transform(__import__("copy").deepcopy(fp), config=config)
         model.load_state_dict(torch.load(path, weights_only=True))
-        lm_track.freeze_embedding(model)
+        pipeline.freeze_embedding(model)
         log(f"{name}: loaded {path}")
         return model, json.load(open(path + ".json"))
     rows, kept = lm_track.run(fp, toks, [recipe(method)], [0], config.bits, config.group, budget, log=log,

@@ -27,7 +27,7 @@ import time
 import torch
 
 from jacquant.app import data, lm_track, models
-from jacquant.app.pipeline import calibrated_start, calibration_windows
+from jacquant.app.pipeline import calibrated_start, calibration_set
 from jacquant.app.recipes import recipes
 from jacquant.config import QuantConfig
 from jacquant.qat.stats import codes_moved, model_codes
@@ -55,7 +55,7 @@ def main() -> None:
     budget, pipe = lm_track.DEFAULT, lm_track.DEFAULT.pipeline
     windows = lm_track.eval_windows(toks.valid, budget.eval_windows, budget.eval_seq)
     tune = lm_track.eval_windows(toks.tune, budget.eval_windows, budget.eval_seq)
-    calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, a.seed + 1000)
+    calib = calibration_set(pipe, toks.train, a.seed, force=True)
     trained = recipes([m for m in a.train.split(",") if m])
     objective = lm_track.loss_fn(budget.loss, fp)
     config = QuantConfig(bits=2, group=64)
@@ -78,9 +78,8 @@ def main() -> None:
         model_fp = fp if case is None else perturbed(fp, case)
         t = time.perf_counter()
         torch.manual_seed(a.seed)
-        start = calibrated_start(model_fp, config, pipe, calib, progress=False)
-        if budget.freeze_embedding:
-            lm_track.freeze_embedding(start)
+        start = calibrated_start(model_fp, config, pipe, calib, progress=False,
+                                 frozen_embedding=budget.freeze_embedding)
         seconds = time.perf_counter() - t
         codes = model_codes(start)
         codes0 = codes0 or codes

@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from jacquant.app import data, lm_track, models
+from jacquant.app.pipeline import freeze_embedding
 from jacquant.app.recipes import recipe
 from jacquant.app.train import quantize_copy, train
 from jacquant.config import QuantConfig
@@ -45,7 +46,7 @@ def main() -> None:
         torch.manual_seed(a.seed)
         model = quantize_copy(fp, recipe(method), QuantConfig(bits=2, group=64))
         if "train-emb" not in rest:
-            lm_track.freeze_embedding(model)
+            freeze_embedding(model)
         batches = data.windows(toks.train, budget.batch, budget.seq, a.steps, a.seed + 1)
         calib = next(data.windows(toks.train, budget.batch, budget.seq, 1, 10_000))
         train(model, recipe(method), batches, lm_track.loss_fn(loss, fp), a.steps, float(lr), seed=a.seed,

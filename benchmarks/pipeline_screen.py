@@ -1,4 +1,4 @@
-"""Screen the pipeline's phases on the tuning slice (issue 19): start → block-wise → end to end, one configuration
+"""Screen the pipeline's phases on the tuning slice: start → block-wise → end to end, one configuration
 per call, one JSON row appended to ``--results``. The held-out windows are never read: choices made from these
 rows (docs/pipeline.md, "Choosing the pipeline on the tuning slice") cannot have been tuned on them.
 
@@ -22,7 +22,7 @@ import torch
 
 from jacquant.app import data, lm_track, models
 from jacquant.app.blockwise import BlockwiseConfig
-from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, run_phases
+from jacquant.app.pipeline import Pipeline, Seeds, calibrated_start, calibration_set, freeze_embedding, run_phases
 from jacquant.app.recipes import recipe as named_recipe
 from jacquant.config import QuantConfig
 from jacquant.qat.stats import codes_moved, model_codes
@@ -67,7 +67,7 @@ def main() -> None:
                     block=BlockwiseConfig(steps=a.bsteps, lr=a.blr, batch=a.bbatch, inputs=a.binputs, loss=a.bloss))
     res: dict = dict(vars(a))
     torch.manual_seed(a.seed)
-    calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, a.seed + 1000)
+    calib = calibration_set(pipe, toks.train, a.seed, force=True)
     t0 = time.perf_counter()
     config = QuantConfig(bits=a.bits, group=64, method=recipe.rule)
     cached = os.path.join(a.start_cache, f"{a.start}-w{a.bits}-c{a.calib}x{a.calib_seq}-s{a.seed}.pt") if a.start_cache else ""
@@ -79,7 +79,7 @@ def main() -> None:
         if cached:
             os.makedirs(a.start_cache, exist_ok=True)
             torch.save(model.state_dict(), cached)
-    lm_track.freeze_embedding(model)
+    freeze_embedding(model)
     res["t_start"], res["ppl_start"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
     codes0 = model_codes(model)
 
@@ -94,9 +94,9 @@ def main() -> None:
         res["t_block"], res["ppl_block"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
         res["moved_block"] = moved()
 
-    phases = run_phases(model, fp, recipe, pipe, lm_track.loss_fn(a.loss, fp), toks.train, calib, batch=budget.batch,
-                        seq=budget.seq, steps=a.esteps, lr=a.elr, seed=a.seed, batch_seed=a.seed + 1,
-                        probe_seed=10_000, after_block=after_block, progress=False, desc=f"{a.method} end to end")
+    budget = replace(budget, steps=a.esteps, lr=a.elr, pipeline=pipe)
+    phases = run_phases(model, fp, recipe, budget, lm_track.loss_fn(a.loss, fp), toks.train, calib,
+                        Seeds.main_job(a.seed), after_block=after_block, progress=False, desc=f"{a.method} end to end")
     # per block: its loss over the first and the last 5 of its steps (how much each block's training achieved)
     res["block_loss"] = [[sum(c[:5]) / len(c[:5]), sum(c[-5:]) / len(c[-5:])] for c in phases.block_curves if c]
     if a.esteps:

@@ -1,4 +1,4 @@
-"""The learned-shape hook's cost per training step (issue 21, item 5: within 1.05x STE's step), on its own.
+"""The learned-shape hook's cost per training step (the target: within 1.05x STE's step), on its own.
 
 Every step the hook multiplies each weight's gradient by B(r) = 1 + sum_k a_k cos(2 pi k r) at the weight's
 position r in its bin. On SmolLM2-135M's 210 quantized matrices (30 decoder layers of q, k, v, o, gate, up,

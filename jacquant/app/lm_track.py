@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -39,37 +39,27 @@ from torch import Tensor
 from jacquant.app import data, models
 from jacquant.config import QuantConfig
 from jacquant.app.blockwise import BlockwiseConfig
-from jacquant.app.pipeline import Phases, Pipeline, calibrated_start, calibration_windows, run_phases, with_rule
+from jacquant.app import pipeline
+from jacquant.app.pipeline import Phases, Pipeline, Seeds, calibrated_start, calibration_set, train_phases
 from jacquant.app.recipes import Recipe
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
            "A dictionary in Python maps")
 
 
-@dataclass
-class Budget:
-    """Steps and shapes of one run of the track (``DEFAULT`` and ``QUICK`` below).
-
-    ``steps``, ``lr``, ``batch``, ``seq`` and ``loss`` are the end-to-end phase's; ``pipeline`` holds the
-    calibrated start and the block-wise phase before it (:class:`jacquant.app.pipeline.Pipeline`).
+@dataclass(frozen=True)
+class Budget(pipeline.Budget):
+    """A run of the track (``DEFAULT`` and ``QUICK`` below): what trains (:class:`jacquant.app.pipeline.Budget`:
+    the pipeline before end-to-end QAT, then ``steps``, ``lr``, ``batch``, ``seq``, ``loss``), and how it is scored:
+    ``eval_windows`` held-out windows of ``eval_seq`` + 1 tokens, ``other_windows`` of ``other_seq`` + 1 tokens of the
+    second English text (tokenizer given to :func:`run`), ``generate_tokens`` of greedy text per prompt.
     """
 
-    steps: int = 60
-    lr: float = 1e-3
-    batch: int = 4
-    seq: int = 128
     eval_windows: int = 32
     eval_seq: int = 256
-    loss: str = "kd"
-    freeze_embedding: bool = True
     generate_tokens: int = 24
-    pipeline: Pipeline = field(default_factory=Pipeline)
-    other_windows: int = 64  # the second English text (tokenizer given to run): windows of other_seq + 1 tokens
+    other_windows: int = 64
     other_seq: int = 128
-
-    @property
-    def e2e_tokens(self) -> int:
-        return self.steps * self.batch * self.seq
 
 
 DEFAULT = Budget()
@@ -179,14 +169,6 @@ def tokens(corpus: data.Corpus, tokenizer, cache: Optional[str] = None) -> Token
     return Tokens(ids["train"][:cut], ids["train"][cut:], ids["valid"])
 
 
-def freeze_embedding(model: nn.Module) -> None:
-    """Keep the (tied) input embedding and LM head fixed: no gradient, no optimizer state."""
-    model.get_input_embeddings().weight.requires_grad_(False)
-    head = model.get_output_embeddings()
-    if head is not None:
-        head.weight.requires_grad_(False)
-
-
 def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[int], bits: int, group: int,
         budget: Budget, out_dir: Optional[str] = None, log=print, tokenizer=None,
         config: Optional[QuantConfig] = None) -> tuple[list[dict], dict[str, nn.Module]]:
@@ -227,18 +209,15 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
     config = config or QuantConfig(bits=bits, group=group)
     pipe = budget.pipeline
     for seed in seeds:
-        needs_calib = pipe.calib_tokens or any(r.name == "gptq" for r in methods)
-        calib = calibration_windows(toks.train, pipe.calib_windows, pipe.calib_seq, seed + 1000).to(device) \
-            if needs_calib else None
+        calib = calibration_set(pipe, toks.train, seed, device, force=any(r.name == "gptq" for r in methods))
         starts: dict[str, tuple[nn.Module, float]] = {}
 
         def start(kind: str) -> tuple[nn.Module, float]:
             if kind not in starts:
                 t = time.perf_counter()
                 torch.manual_seed(seed)
-                model = calibrated_start(fp_model, config, replace(pipe, start=kind), calib)
-                if budget.freeze_embedding:
-                    freeze_embedding(model)
+                model = calibrated_start(fp_model, config, replace(pipe, start=kind), calib,
+                                         frozen_embedding=budget.freeze_embedding)
                 starts[kind] = (model, time.perf_counter() - t)
             return starts[kind]
 
@@ -279,16 +258,10 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
 def train_from(start: nn.Module, fp_model: nn.Module, recipe: Recipe, budget: Budget, objective: Callable,
                train: Tensor, calib: Optional[Tensor], seed: int, device, log_path: Optional[str] = None
                ) -> tuple[nn.Module, Phases]:
-    """One method's run of the main job from a given ``start``: a copy of it with ``recipe``'s backward rule, then
-    the pipeline's block-wise and end-to-end phases (:func:`jacquant.app.pipeline.run_phases`) on the batches the
-    seed draws from ``train``, the same for every method. Returns (model, the phases' result)."""
-    model = with_rule(start, recipe.rule)
-    torch.manual_seed(seed)
-    done = run_phases(model, fp_model, recipe, budget.pipeline, objective, train, calib, batch=budget.batch,
-                      seq=budget.seq, steps=budget.steps, lr=budget.lr, seed=seed, batch_seed=seed + 1,
-                      probe_seed=10_000, device=device, log_path=log_path, log_every=max(1, budget.steps // 30),
-                      desc=f"lm {recipe.name} seed {seed}")
-    return model, done
+    """One method's run of the main job from a given ``start`` (:func:`jacquant.app.pipeline.train_phases` with the
+    main job's seeds and logging). Returns (model, the phases' result)."""
+    return train_phases(start, fp_model, recipe, budget, objective, train, calib, Seeds.main_job(seed), device=device,
+                        log_path=log_path, log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
 
 
 def recovery(ppl: float, ppl_rtn: float, ppl_fp: float) -> float:

@@ -25,6 +25,7 @@ import torch
 
 from jacquant.qat import plot
 from jacquant.app import data, lm_track, report
+from jacquant.app.models import load_fp
 from jacquant.app.recipes import DEFAULT_METHODS, recipes
 
 TRACKS = ("lm", "encoder")
@@ -80,7 +81,7 @@ def run_accuracy(
         budget = replace(budget, steps=lm_steps or budget.steps, lr=lm_lr or budget.lr, loss=lm_loss or budget.loss,
                          pipeline=pipeline or budget.pipeline)
         with timed("lm: load SmolLM2-135M (GGUF conversion on first use)"):
-            fp, tok, info = models.load_fp(log=log, device=device)
+            fp, tok, info = load_fp(log=log, device=device)
         with timed("lm: tokenize the corpus (cached after first use)"):
             toks = lm_track.tokens(text, tok)
         log(f"lm tokens: {len(toks.train):,} training, {len(toks.tune):,} tuning slice, {len(toks.valid):,} held out")
@@ -106,7 +107,7 @@ def run_accuracy(
         if device != "cpu":
             log(f"note: the encoder track runs on the CPU (--device {device} applies to the LM track only)")
 
-        settings = encoder_track.QUICK if quick else encoder_track.DEFAULTS
+        settings = encoder_track.QUICK if quick else encoder_track.DEFAULT
         settings = replace(settings, steps=encoder_steps or settings.steps, lr=encoder_lr or settings.lr)
         meta["encoder_budget"] = asdict(settings)
         with timed("encoder: all-MiniLM-L6-v2, every method and seed"):

@@ -1,4 +1,4 @@
-"""The 2-bit pipeline: a calibrated start, a block-wise phase, then end-to-end QAT (issue 19).
+"""The one assembly of a run: a calibrated start, a block-wise phase, then end-to-end QAT.
 
     start        "rtn": the transform's round-to-nearest grid (MSE clipping search per group);
                  "gptq": :func:`jacquant.calibrate` on ``calib_windows`` windows of ``calib_seq`` tokens
@@ -7,9 +7,15 @@
     end to end   :func:`jacquant.app.train.train` with KD or CE on the training stream, all parameters
                  or the scales only (``e2e_params``)
 
-The start does not depend on the method (the backward rule is not used by it), so one calibrated
-start per seed serves every method: :func:`calibrated_start` makes it and :func:`with_rule` gives each
-method its copy.
+Every caller (the main job's LM track, ``jacquant train``, the benchmarks) assembles a run from the same
+three calls, in order:
+
+    calib = calibration_set(budget.pipeline, train_ids, seed)          the seed's calibration windows
+    start = calibrated_start(fp, config, budget.pipeline, calib, ...)  the start, shared by every method
+    model, phases = train_phases(start, fp, recipe, budget, objective, train_ids, calib, seeds)
+
+The start does not depend on the method (the backward rule is not used by it), so one calibrated start per
+seed serves every method: :func:`train_phases` trains a copy of it with the method's rule (:func:`with_rule`).
 """
 from __future__ import annotations
 
@@ -75,6 +81,55 @@ class Pipeline:
         return self.calib_windows * self.calib_seq if used else 0
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a run trains from its start: the phases before end-to-end QAT (``pipeline``), then ``steps`` AdamW steps
+    of ``batch`` windows of ``seq`` + 1 tokens at peak ``lr`` (cosine, warm-up steps/20) on ``loss`` ("kd": KL to the
+    fp model; "ce": next-token cross entropy), with the input embedding / tied head frozen or not."""
+
+    steps: int = 60
+    lr: float = 1e-3
+    batch: int = 4
+    seq: int = 128
+    loss: str = "kd"
+    freeze_embedding: bool = True
+    pipeline: Pipeline = field(default_factory=Pipeline)
+
+    @property
+    def e2e_tokens(self) -> int:
+        return self.steps * self.batch * self.seq
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The seeds of one run's random draws: ``run`` (torch's global RNG before training, the estimators, the
+    block-wise phase), ``batches`` (the end-to-end batches), ``probe`` (the estimators' probe batch)."""
+
+    run: int
+    batches: int
+    probe: int
+
+    @classmethod
+    def main_job(cls, seed: int) -> "Seeds":
+        """The main job's and the benchmarks' draws for ``seed``."""
+        return cls(seed, seed + 1, 10_000)
+
+    @classmethod
+    def train_command(cls, seed: int) -> "Seeds":
+        """``jacquant train --seed``'s draws."""
+        return cls(seed, seed, seed + 10_000)
+
+
+def calibration_set(pipeline: Pipeline, train_ids: Tensor, seed: int, device="cpu", force: bool = False
+                    ) -> Optional[Tensor]:
+    """The calibration windows of ``seed`` (drawn with seed + 1000 from the training stream, never the tuning slice
+    or validation), or None when no phase of ``pipeline`` uses them (``force``: draw them anyway, e.g. for a GPTQ
+    row beside an RTN-started pipeline)."""
+    if not (pipeline.calib_tokens or force):
+        return None
+    return calibration_windows(train_ids, pipeline.calib_windows, pipeline.calib_seq, seed + 1000).to(device)
+
+
 def calibration_windows(ids: Tensor, n: int, seq: int, seed: int) -> Tensor:
     """``n`` windows of ``seq`` token ids at random starts in ``ids`` (seeded), int64 [n, seq]."""
     if len(ids) < seq + 1:
@@ -101,12 +156,23 @@ def e2e_batches(pipeline: "Pipeline", stream: Tensor, calib: Optional[Tensor], b
 
 
 def calibrated_start(fp: nn.Module, config: QuantConfig, pipeline: Pipeline, calib: Optional[Tensor],
-                     progress: bool = True) -> nn.Module:
-    """A transformed copy of ``fp`` (``config``'s grid and rule) at the pipeline's start: RTN, or GPTQ on ``calib``."""
+                     progress: bool = True, frozen_embedding: bool = False) -> nn.Module:
+    """A transformed copy of ``fp`` (``config``'s grid and rule) at the pipeline's start: RTN, or GPTQ on ``calib``;
+    with ``frozen_embedding``, its input embedding and tied head frozen (:func:`freeze_embedding`)."""
     model = transform(copy.deepcopy(fp), config=config)
     if pipeline.start == "gptq":
         gptq_start(model, calib, progress)
+    if frozen_embedding:
+        freeze_embedding(model)
     return model
+
+
+def freeze_embedding(model: nn.Module) -> None:
+    """Keep the (tied) input embedding and LM head fixed: no gradient, no optimizer state."""
+    model.get_input_embeddings().weight.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.weight.requires_grad_(False)
 
 
 def gptq_start(model: nn.Module, calib: Optional[Tensor], progress: bool = True) -> None:
@@ -149,38 +215,49 @@ class Phases:
     block_curves: list
 
 
-def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, pipeline: Pipeline, objective: Callable,
-               stream: Tensor, calib: Optional[Tensor], *, batch: int, seq: int, steps: int, lr: float, seed: int,
-               batch_seed: int, probe_seed: int, device="cpu", block_dir: Optional[str] = None,
+def train_phases(start: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budget: Budget, objective: Callable,
+                 stream: Tensor, calib: Optional[Tensor], seeds: Seeds, *, device="cpu", **phase_kwargs
+                 ) -> tuple[nn.Module, "Phases"]:
+    """One method's run from a shared ``start``: a copy of it with ``recipe``'s backward rule, torch's RNG seeded
+    with ``seeds.run``, then :func:`run_phases`. Returns (the trained copy, the phases' result)."""
+    model = with_rule(start, recipe.rule)
+    torch.manual_seed(seeds.run)
+    return model, run_phases(model, fp, recipe, budget, objective, stream, calib, seeds, device=device, **phase_kwargs)
+
+
+def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budget: Budget, objective: Callable,
+               stream: Tensor, calib: Optional[Tensor], seeds: Seeds, *, device="cpu", block_dir: Optional[str] = None,
                skip_block: bool = False, after_block: Optional[Callable[[], None]] = None, progress: bool = True,
                **train_kwargs) -> Phases:
-    """The trained phases of the pipeline on ``model`` (a transformed start with ``recipe``'s rule), in place:
+    """The trained phases of ``budget`` on ``model`` (a transformed start with ``recipe``'s rule), in place:
 
-        block-wise   :func:`jacquant.app.blockwise.train_blocks` on ``calib`` (when ``pipeline.block.steps``, and
-                     not ``skip_block``: a resumed run whose end-to-end checkpoint already holds it); resumable
+        block-wise   :func:`jacquant.app.blockwise.train_blocks` on ``calib`` (when ``budget.pipeline.block.steps``,
+                     and not ``skip_block``: a resumed run whose end-to-end checkpoint already holds it); resumable
                      in ``block_dir``; then ``after_block()`` if given
         scales only  every parameter but the quantizers' scales frozen (``pipeline.e2e_params == "scales"``)
-        end to end   :func:`jacquant.app.train.train` on ``steps`` batches [batch, seq + 1] of :func:`e2e_batches`
-                     (seeded ``batch_seed``) with ``objective``, peak ``lr``, warm-up steps/20; the estimators'
-                     probe batch is one more batch of the training stream (seeded ``probe_seed``, from the same data)
+        end to end   :func:`jacquant.app.train.train` on ``budget.steps`` batches [batch, seq + 1] of
+                     :func:`e2e_batches` (seeded ``seeds.batches``) with ``objective``, peak ``budget.lr``, warm-up
+                     steps/20; the estimators' probe batch is one more batch of the training stream (seeded
+                     ``seeds.probe``, from the same data)
 
     ``fp`` (the full-precision model) is needed by the block-wise phase only. ``train_kwargs`` go to
     :func:`jacquant.app.train.train` (log_path, checkpoint, desc, ...).
     """
+    pipeline = budget.pipeline
     block_curves: list = []
     if pipeline.block.steps and not skip_block:
         if fp is None:
             raise ValueError("the block-wise phase trains each block against the fp model's: pass fp")
-        block_curves = train_blocks(model, fp, recipe, calib, pipeline.block, seed=seed, checkpoint_dir=block_dir,
+        block_curves = train_blocks(model, fp, recipe, calib, pipeline.block, seed=seeds.run, checkpoint_dir=block_dir,
                                     progress=progress)["curves"]
         if after_block is not None:
             after_block()
     if pipeline.e2e_params == "scales":
         train_only_scales(model)
-    if steps == 0:
+    if budget.steps == 0:
         return Phases([], block_curves)
-    probe = next(e2e_batches(pipeline, stream, calib, batch, seq, 1, probe_seed, device))
-    batches = e2e_batches(pipeline, stream, calib, batch, seq, steps, batch_seed, device)
-    curve = train(model, recipe, batches, objective, steps, lr, seed=seed, warmup=max(1, steps // 20),
-                  calib_batch=probe, **train_kwargs)
+    probe = next(e2e_batches(pipeline, stream, calib, budget.batch, budget.seq, 1, seeds.probe, device))
+    batches = e2e_batches(pipeline, stream, calib, budget.batch, budget.seq, budget.steps, seeds.batches, device)
+    curve = train(model, recipe, batches, objective, budget.steps, budget.lr, seed=seeds.run,
+                  warmup=max(1, budget.steps // 20), calib_batch=probe, **train_kwargs)
     return Phases(curve, block_curves)
