@@ -210,9 +210,8 @@ def table(rows: list[tuple], base: dict, title: str) -> None:
 
 
 def llm(a) -> None:
-    from jacquant.app.models import smollm2_path
     from jacquant.app.commands import load_trained
-    from jacquant.app.models import load_model, resolve_model
+    from jacquant.app.models import load_model, resolve_model, smollm2_path
 
     torch.set_num_threads(a.threads)
     hf_dir = resolve_model(smollm2_path())

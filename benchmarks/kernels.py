@@ -74,8 +74,8 @@ def bench_packed_matmul(bits: int, group: int, peak: float) -> None:
     from triton.testing import do_bench
 
     from jacquant.kernels.packed_matmul import packed_linear_triton
-    from jacquant.primitives.packing import pack_codes
     from jacquant.primitives.grid import init_minmax, quantize
+    from jacquant.primitives.packing import pack_codes
 
     print(f"\n## packed W{bits}A16 matmul, G={group}, x fp16  (peak {peak:.0f} GB/s)")
     print(f"{'N x K':>12} {'M':>5} {'triton ms':>10} {'GB/s':>7} {'%peak':>6} {'fp16 ms':>8} {'fp16 GB/s':>10} "

@@ -15,7 +15,6 @@ import os
 
 from jacquant.app import lm_track, report
 
-
 SEEDLESS = ("fp", "fp32", "rtn")  # the same model in every run; GPTQ's start depends on the seed's calibration windows
 
 

@@ -48,8 +48,7 @@ def load(name: str):
         cfg = GPTConfig()
         torch.manual_seed(0)
         return TinyGPT(cfg), cfg.vocab_size, lambda m, idx: lm_loss(m(idx), idx)
-    from jacquant.app.models import smollm2_path
-    from jacquant.app.models import load_model
+    from jacquant.app.models import load_model, smollm2_path
 
     model, _ = load_model(smollm2_path())
     # use_cache=False, as in training: a KV cache object differs per layer and defeats regional reuse

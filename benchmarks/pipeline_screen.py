@@ -22,7 +22,14 @@ import torch
 
 from jacquant.app import data, lm_track, models
 from jacquant.app.blockwise import BlockwiseConfig
-from jacquant.app.pipeline import Pipeline, Seeds, calibrated_start, calibration_set, freeze_embedding, run_phases
+from jacquant.app.pipeline import (
+    Pipeline,
+    Seeds,
+    calibrated_start,
+    calibration_set,
+    freeze_embedding,
+    run_phases,
+)
 from jacquant.app.recipes import recipe as named_recipe
 from jacquant.config import QuantConfig
 from jacquant.qat.stats import codes_moved, model_codes

@@ -23,9 +23,8 @@ import time
 
 import torch
 
-from jacquant.research.shape import bin_offset
 from jacquant.kernels import fused_cpu
-from jacquant.research.shape import scale_by_shape_
+from jacquant.research.shape import bin_offset, scale_by_shape_
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # one layer
 GROUP = 64

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from jacquant.config import QuantConfig
-from jacquant.primitives.formats import FORMATS, site_format
 from jacquant.passes.capture import MatmulSite, capture
 from jacquant.passes.rewrite import quantizer_attr, rewrite_owner
+from jacquant.primitives.formats import FORMATS, site_format
 from jacquant.qat.quantizer import AffineQuantizer, WeightQuantizer, sites
 
 

@@ -28,11 +28,16 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from jacquant.calibration.blocks import ActivationCache, BlockInputs, capture_inputs, find_blocks
-from jacquant.calibration.gptq import default_run
-from jacquant.qat.refresh import detach
 from jacquant.app.recipes import Recipe
 from jacquant.app.train import train
+from jacquant.calibration.blocks import (
+    ActivationCache,
+    BlockInputs,
+    capture_inputs,
+    find_blocks,
+)
+from jacquant.calibration.gptq import default_run
+from jacquant.qat.refresh import detach
 
 INPUTS = ("quantized", "fp")
 LOSSES = ("mse", "channel")

@@ -80,9 +80,15 @@ def pipeline_from_args(args: argparse.Namespace, base, **fixed):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jacquant.app.lm_track import DEFAULT
-    from jacquant.app.recipes import DEFAULT_JACQUANT, DEFAULT_METHODS, RECIPES, RESEARCH, TRAINED
     from jacquant.app.commands import TrainArgs
+    from jacquant.app.lm_track import DEFAULT
+    from jacquant.app.recipes import (
+        DEFAULT_JACQUANT,
+        DEFAULT_METHODS,
+        RECIPES,
+        RESEARCH,
+        TRAINED,
+    )
 
     parser = argparse.ArgumentParser(
         prog="jacquant", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -347,8 +353,8 @@ def run_command(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     if args.command == "run":
-        from jacquant.app.main_job import run_accuracy
         from jacquant.app.lm_track import DEFAULT, QUICK
+        from jacquant.app.main_job import run_accuracy
 
         out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         result = run_accuracy(

@@ -28,12 +28,20 @@ from torch import Tensor
 
 from jacquant.app import lm_track
 from jacquant.app.models import find_gguf, load_model
+from jacquant.app.pipeline import (
+    Budget,
+    Pipeline,
+    Seeds,
+    calibrated_start,
+    calibration_set,
+    gptq_start,
+    run_phases,
+)
+from jacquant.app.recipes import DEFAULT_JACQUANT, RESEARCH, TRAINED
+from jacquant.app.recipes import recipe as named_recipe
 from jacquant.config import QuantConfig
 from jacquant.export.convert import convert, load_converted, save_converted
 from jacquant.qat.plot import plot
-from jacquant.app.pipeline import Budget, Pipeline, Seeds, calibrated_start, calibration_set, gptq_start, run_phases
-from jacquant.app.recipes import DEFAULT_JACQUANT, RESEARCH, TRAINED
-from jacquant.app.recipes import recipe as named_recipe
 
 VALID_FRACTION = 0.1
 

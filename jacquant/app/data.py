@@ -141,17 +141,6 @@ def other_english_text(path: str = OTHER_TEXT) -> str:
     return "\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines())
 
 
-def read_text_files(paths: list[str]) -> Tensor:
-    """UTF-8 bytes of the user's text files, joined by blank lines, uint8 [n]."""
-    docs = []
-    for p in paths:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            docs.append(f.read())
-    if not any(docs):
-        raise ValueError(f"the text files {paths} are empty")
-    return to_bytes(docs)
-
-
 _MARKUP = re.compile(r"[`*:_|<>\\=~^#\[\]{}]|\.\.")
 
 

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jacquant.app import data
-from jacquant.config import QuantConfig
 from jacquant.app.recipes import Recipe
 from jacquant.app.train import quantize_copy, train
+from jacquant.config import QuantConfig
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase

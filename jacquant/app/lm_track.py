@@ -36,12 +36,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from jacquant.app import data, models
-from jacquant.config import QuantConfig
+from jacquant.app import data, models, pipeline
 from jacquant.app.blockwise import BlockwiseConfig
-from jacquant.app import pipeline
-from jacquant.app.pipeline import Phases, Pipeline, Seeds, calibrated_start, calibration_set, train_phases
+from jacquant.app.pipeline import (
+    Phases,
+    Pipeline,
+    Seeds,
+    calibrated_start,
+    calibration_set,
+    train_phases,
+)
 from jacquant.app.recipes import Recipe
+from jacquant.config import QuantConfig
 
 PROMPTS = ("The Python programming language is", "To read a file line by line, you can",
            "A dictionary in Python maps")

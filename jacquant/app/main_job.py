@@ -23,10 +23,10 @@ from typing import Optional
 
 import torch
 
-from jacquant.qat import plot
 from jacquant.app import data, lm_track, report
 from jacquant.app.models import load_fp
 from jacquant.app.recipes import DEFAULT_METHODS, recipes
+from jacquant.qat import plot
 
 TRACKS = ("lm", "encoder")
 

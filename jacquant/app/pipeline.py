@@ -29,13 +29,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from jacquant.api import transform
-from jacquant.calibration.gptq import calibrate
-from jacquant.config import QuantConfig
-from jacquant.qat.quantizer import sites
 from jacquant.app import data
 from jacquant.app.blockwise import BlockwiseConfig, train_blocks
 from jacquant.app.recipes import Recipe
 from jacquant.app.train import train
+from jacquant.calibration.gptq import calibrate
+from jacquant.config import QuantConfig
+from jacquant.qat.quantizer import sites
 
 STARTS = ("rtn", "gptq")
 E2E_PARAMS = ("all", "scales")

@@ -19,12 +19,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from jacquant.api import transform
-from jacquant.qat.checkpoint import load_checkpoint, save_checkpoint
-from jacquant.config import QuantConfig
-from jacquant.qat.guard import guard
-from jacquant.qat.quantizer import sites
 from jacquant.app.recipes import Recipe
+from jacquant.config import QuantConfig
+from jacquant.qat.checkpoint import load_checkpoint, save_checkpoint
+from jacquant.qat.guard import guard
 from jacquant.qat.optim import scale_updates_by_b
+from jacquant.qat.quantizer import sites
 from jacquant.qat.refresh import attach
 from jacquant.qat.refresh import step as refresh_step
 from jacquant.qat.stats import StatsLogger

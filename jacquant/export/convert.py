@@ -33,9 +33,9 @@ from torch import Tensor
 
 from jacquant.export.gguf_blocks import GGUFWeight
 from jacquant.kernels.packed_matmul import packed_linear as _packed_linear_kernel
-from jacquant.primitives.packing import pack_codes, unpack_codes
 from jacquant.passes.rewrite import install_forward, installed_graph, quantizer_attr
 from jacquant.primitives.grid import SCALE_FLOOR, dequantize, qmax
+from jacquant.primitives.packing import pack_codes, unpack_codes
 from jacquant.qat.quantizer import WeightQuantizer, sites
 
 FORMAT = "jacquant.converted"

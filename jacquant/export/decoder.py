@@ -43,11 +43,16 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from jacquant.export.convert import PackedWeight, converted_copy
-from jacquant.primitives.packing import pack_codes, pack_zero_points, unpack_codes
-from jacquant.primitives.grid import init_minmax, quantize
-from jacquant.qat.quantizer import WeightQuantizer
-from jacquant.export.lower import ACCURACY_LEVELS, MAX_PROTO_BYTES, ONNX_INT_TYPES, _int_tensor
+from jacquant.export.lower import (
+    ACCURACY_LEVELS,
+    MAX_PROTO_BYTES,
+    ONNX_INT_TYPES,
+    _int_tensor,
+)
 from jacquant.export.validate import check_onnx
+from jacquant.primitives.grid import init_minmax, quantize
+from jacquant.primitives.packing import pack_codes, pack_zero_points, unpack_codes
+from jacquant.qat.quantizer import WeightQuantizer
 
 MS = "com.microsoft"
 OPSET = 23
@@ -296,7 +301,7 @@ def build_decoder(model: nn.Module, *, accuracy_level: int = 4, head_bits: Optio
         raise ValueError(f"export_onnx: head_bits={head_bits} must be None (as the model has it), 2, 4 or 8")
     model = _check_model(model)
     cfg = model.config
-    n_layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    hidden = cfg.hidden_size
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from jacquant.export.convert import PackedWeight, converted_copy, packed_sites
-from jacquant.primitives.formats import FORMATS
 from jacquant.export.gguf_blocks import GGUFWeight, pack_q4_0
+from jacquant.primitives.formats import FORMATS
 
 HEADS = ("q8_0", "f16", "f32")
 ARCHS = {"llama": "llama", "mistral": "llama"}  # Hugging Face model_type -> llama.cpp architecture

@@ -31,7 +31,13 @@ from onnx.defs import OpSchema
 
 from jacquant.export.convert import converted_copy, packed_sites
 from jacquant.export.decoder import export_decoder
-from jacquant.export.lower import ACCURACY_LEVELS, MAX_PROTO_BYTES, packed_nodes, to_dequantize_linear, to_matmulnbits
+from jacquant.export.lower import (
+    ACCURACY_LEVELS,
+    MAX_PROTO_BYTES,
+    packed_nodes,
+    to_dequantize_linear,
+    to_matmulnbits,
+)
 from jacquant.export.validate import check_onnx
 
 TARGETS = ("ort", "onnx")

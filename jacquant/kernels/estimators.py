@@ -17,10 +17,21 @@ import math
 import torch
 from torch import Tensor
 
+from jacquant.kernels.fake_quant import _blocks, _group_rows
+from jacquant.kernels.triton_util import (
+    check_float,
+    check_triton,
+    group_rows,
+    group_tile,
+    launch,
+    round_half_even,
+    row_sum,
+    tl,
+    triton,
+    use_triton,
+)
 from jacquant.primitives import estimators
 from jacquant.primitives.grid import SCALE_FLOOR, qmax
-from jacquant.kernels.fake_quant import _blocks, _group_rows
-from jacquant.kernels.triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
 
 
 # ----------------------------------------------------------------------------- torch references

@@ -20,12 +20,22 @@ import math
 import torch
 from torch import Tensor
 
+from jacquant.kernels import fake_quant_torch, fused_cpu
+from jacquant.kernels.triton_util import (
+    check_float,
+    check_triton,
+    group_rows,
+    group_tile,
+    launch,
+    round_half_even,
+    row_sum,
+    tl,
+    triton,
+    use_triton,
+)
 from jacquant.primitives import grid as quantizer
-
 from jacquant.primitives import surrogates
 from jacquant.primitives.grid import SCALE_FLOOR, group_size, qmax
-from jacquant.kernels import fake_quant_torch, fused_cpu
-from jacquant.kernels.triton_util import check_float, check_triton, group_rows, group_tile, launch, round_half_even, row_sum, tl, triton, use_triton
 
 RULE_IDS = {"ste": 0, "jacquant": 1, "stableqat": 2}
 

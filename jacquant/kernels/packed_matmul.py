@@ -20,9 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from jacquant.primitives.packing import PACKABLE_BITS, unpack_codes
+from jacquant.kernels.triton_util import (
+    check_float,
+    check_triton,
+    launch,
+    tl,
+    triton,
+    use_triton,
+)
 from jacquant.primitives.grid import dequantize, group_size
-from jacquant.kernels.triton_util import check_float, check_triton, launch, tl, triton, use_triton
+from jacquant.primitives.packing import PACKABLE_BITS, unpack_codes
 
 
 def packed_linear_reference(

@@ -88,14 +88,6 @@ def quantize_affine(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group:
     return scaled_affine(w, scale, minimum, group).round().clamp(0, qmax(bits)).to(torch.uint8).reshape(w.shape)
 
 
-def dequantize_affine(codes: Tensor, scale: Tensor, minimum: Tensor, group: int,
-                      dtype: torch.dtype = torch.float32) -> Tensor:
-    """Q = s · c + m from uint8 codes [N, K]; result [N, K] in ``dtype``."""
-    c = grouped(codes.to(torch.float32), group)
-    s = scale.to(torch.float32).clamp_min(SCALE_FLOOR).unsqueeze(-1)
-    return (s * c + minimum.to(torch.float32).unsqueeze(-1)).reshape(codes.shape).to(dtype)
-
-
 def fake_quantize_affine(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int) -> Tensor:
     """Q(w) = s · clamp(round((w - m)/s), 0, 2^b - 1) + m, same shape and dtype as w."""
     v = scaled_affine(w, scale, minimum, group)

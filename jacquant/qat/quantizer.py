@@ -7,11 +7,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from jacquant.primitives import formats
-
-from jacquant.qat import ops  # noqa: F401  (registers torch.ops.jacquant.*)
 from jacquant.config import QuantConfig
+from jacquant.primitives import formats
 from jacquant.primitives.grid import group_size, init_scale, quantize, quantize_affine
+from jacquant.qat import ops  # noqa: F401  (registers torch.ops.jacquant.*)
 
 
 class WeightQuantizer(nn.Module):

@@ -26,7 +26,14 @@ from torch.utils.hooks import RemovableHandle
 
 from jacquant.kernels import fused_cpu
 from jacquant.qat.quantizer import sites
-from jacquant.research.shape import dither_shape, fourier_shape, positive, scale_by_shape_, shape_factor, travel
+from jacquant.research.shape import (
+    dither_shape,
+    fourier_shape,
+    positive,
+    scale_by_shape_,
+    shape_factor,
+    travel,
+)
 
 
 @dataclass(frozen=True)
