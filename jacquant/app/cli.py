@@ -197,13 +197,6 @@ IsADirectoryError, NotADirectoryError, PermissionError, a full disk), a value th
 that names the file or layer and the fix (``ValueError``), a missing optional package (``ImportError``, whose
 message names the pip command). ``main`` prints these as one line; any other exception is a bug."""
 
-TRAINED_FILES = ("model.safetensors", "jacquant.json")
-"""What ``jacquant train`` writes to --out when it finishes, and ``eval --out`` and ``export`` read back."""
-
-CHECKPOINT_FILE = "checkpoint.pt"
-"""What an unfinished ``jacquant train`` leaves in --out; the same command resumes from it."""
-
-
 def error_line(e: BaseException) -> str:
     """The one line ``jacquant: error:`` prints for ``e``: the first line of its message, or, for an OS error of
     Python's own (``open`` or ``os.makedirs`` failing), the file and the reason."""
@@ -224,6 +217,8 @@ def check_inputs(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
+    from jacquant.app.commands import check_text_file, check_trained_dir
+
     if args.command in ("train", "eval"):
         for path in args.text:
             check_text_file(path)
@@ -240,46 +235,12 @@ def check_inputs(args: argparse.Namespace) -> None:
         check_generate_model(args.model_onnx)
 
 
-def check_text_file(path: str) -> None:
-    """Raise unless ``path`` is a file that holds text (not only whitespace)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"text file {path} does not exist: pass existing text files to --text")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"text file {path} is a directory: pass the files in it, e.g. --text {path}/*.txt")
-    if not has_text(path):
-        raise ValueError(f"text file {path} is empty: pass files that hold text to --text")
-
-
-def has_text(path: str, chunk: int = 1 << 16) -> bool:
-    """Whether the file holds anything but whitespace (reads only up to the first chunk that does)."""
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            if block.strip():
-                return True
-    return False
-
-
 def check_model(model: str) -> None:
     """Raise if MODEL names a .gguf file that does not exist (a model directory or a name in the Hugging Face
     cache is only found by loading it)."""
     if model.endswith(".gguf") and not os.path.exists(model):
         raise FileNotFoundError(f"{model} does not exist: pass an existing .gguf file, a model directory or the name "
                                 "of a model in the local Hugging Face cache")
-
-
-def check_trained_dir(model: str, out: str) -> None:
-    """Raise unless ``out`` holds what a finished ``jacquant train`` wrote there (:data:`TRAINED_FILES`)."""
-    train = f"`jacquant train {model} --text FILE --out {out}`"
-    if not os.path.exists(out):
-        raise FileNotFoundError(f"--out {out} does not exist: pass the directory that {train} wrote")
-    if not os.path.isdir(out):
-        raise NotADirectoryError(f"--out {out} is a file: pass the directory that {train} wrote")
-    missing = [name for name in TRAINED_FILES if not os.path.isfile(os.path.join(out, name))]
-    if missing and os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
-        raise FileNotFoundError(f"--out {out} holds an unfinished training ({CHECKPOINT_FILE}, no {missing[0]}): "
-                                f"run the same `jacquant train {model} ... --out {out}` command again to resume it")
-    if missing:
-        raise FileNotFoundError(f"--out {out} holds no trained model (no {missing[0]}): run {train} first")
 
 
 def check_export_file(path: str, flag: str, creates_folder: bool) -> None:

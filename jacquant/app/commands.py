@@ -44,6 +44,11 @@ from jacquant.export.convert import convert, load_converted, save_converted
 from jacquant.qat.plot import plot
 
 VALID_FRACTION = 0.1
+TRAINED_FILES = ("model.safetensors", "jacquant.json")
+"""What ``jacquant train`` writes to --out when it finishes, and ``eval --out`` and ``export`` read back."""
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""What an unfinished ``jacquant train`` leaves in --out; the same command resumes from it."""
 
 
 @dataclass
@@ -78,14 +83,30 @@ class TrainArgs:
                            init=self.init)
 
 
+def check_text_file(path: str) -> None:
+    """Raise unless ``path`` is a file that holds text (not only whitespace)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text file {path} does not exist: pass existing text files to --text")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"text file {path} is a directory: pass the files in it, e.g. --text {path}/*.txt")
+    if not has_text(path):
+        raise ValueError(f"text file {path} is empty: pass files that hold text to --text")
+
+
+def has_text(path: str, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds anything but whitespace (reads only up to the first chunk that does)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
 def tokenize(paths: list[str], tokenizer, vocab_size: int) -> Tensor:
     """Token ids of the files' text joined by blank lines: the tokenizer's, or UTF-8 bytes without one."""
     for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"text file {p!r} does not exist")
+        check_text_file(p)
     text = "\n\n".join(open(p, encoding="utf-8", errors="replace").read() for p in paths)
-    if not text.strip():
-        raise ValueError(f"the text files {paths} are empty")
     if tokenizer is None:
         if vocab_size < 256:
             raise ValueError(f"the model has no tokenizer and a vocabulary of {vocab_size} < 256, so bytes cannot be "
@@ -131,7 +152,7 @@ def train_model(a: TrainArgs, log=print) -> dict:
     config = a.config()
     pipe = a.pipeline
     os.makedirs(a.out, exist_ok=True)
-    ckpt, start_ckpt, block_dir = (os.path.join(a.out, n) for n in ("checkpoint.pt", "start.pt", "blockwise"))
+    ckpt, start_ckpt, block_dir = (os.path.join(a.out, n) for n in (CHECKPOINT_FILE, "start.pt", "blockwise"))
     budget = Budget(steps=steps, lr=a.lr, batch=a.batch, seq=a.seq, loss=a.loss, freeze_embedding=a.freeze_embedding,
                     pipeline=pipe)
     # the RTN start first (scored), then GPTQ in place below: resumable through start.pt
@@ -187,11 +208,25 @@ def train_model(a: TrainArgs, log=print) -> dict:
     return summary
 
 
+def check_trained_dir(model: str, out: str) -> None:
+    """Raise unless ``out`` holds what a finished ``jacquant train`` wrote there (:data:`TRAINED_FILES`)."""
+    train = f"`jacquant train {model} --text FILE --out {out}`"
+    if not os.path.exists(out):
+        raise FileNotFoundError(f"--out {out} does not exist: pass the directory that {train} wrote")
+    if not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file: pass the directory that {train} wrote")
+    missing = [name for name in TRAINED_FILES if not os.path.isfile(os.path.join(out, name))]
+    if missing and os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
+        raise FileNotFoundError(f"--out {out} holds an unfinished training ({CHECKPOINT_FILE}, no {missing[0]}): "
+                                f"run the same `jacquant train {model} ... --out {out}` command again to resume it")
+    if missing:
+        raise FileNotFoundError(f"--out {out} holds no trained model (no {missing[0]}): run {train} first")
+
+
 def load_trained(model: str, out: str, device: str = "cpu") -> tuple[nn.Module, Optional[object], dict]:
     """The converted integer model that ``train`` wrote to ``out``, its tokenizer and its summary."""
+    check_trained_dir(model, out)
     path = os.path.join(out, "model.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; run `jacquant train {model} --out {out} ...` first")
     with open(os.path.join(out, "jacquant.json")) as f:
         summary = json.load(f)
     skeleton, tok = load_model(model, "cpu")
