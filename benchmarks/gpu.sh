@@ -31,6 +31,6 @@ timeout 300 python benchmarks/overhead.py --device cuda --autocast bf16 --rounds
 
 echo "== 3. packed W2/W4 matmul vs fp16 cuBLAS (GB/s vs peak), fake-quant fwd+bwd kernels"
 for bits in 2 4; do
-  timeout 120 python benchmarks/kernels.py --bits "$bits" --group 64 2>&1 | tee "$out/kernels_w$bits.txt" || status=1
+  timeout 120 python benchmarks/kernel_speed.py --bits "$bits" --group 64 2>&1 | tee "$out/kernel_speed_w$bits.txt" || status=1
 done
 exit $status

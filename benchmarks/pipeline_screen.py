@@ -44,16 +44,22 @@ def main() -> None:
     ap.add_argument("--calib-seq", type=int, default=256)
     ap.add_argument("--bsteps", type=int, default=0, help="block-wise steps per block (0: no block-wise phase)")
     ap.add_argument("--blr", type=float, default=1e-4)
-    ap.add_argument("--bbatch", type=int, default=4)
+    ap.add_argument("--bbatch", type=int, default=8)
+    ap.add_argument("--bscale-lr", type=float, default=5e-3)
+    ap.add_argument("--bseconds", type=float, default=None, help="wall seconds of the whole block-wise phase")
     ap.add_argument("--binputs", default="quantized", choices=("quantized", "fp"))
     ap.add_argument("--bloss", default="mse", choices=("mse", "channel"))
     ap.add_argument("--esteps", type=int, default=0, help="end-to-end steps (0: none)")
     ap.add_argument("--elr", type=float, default=1e-3)
+    ap.add_argument("--escale-lr", type=float, default=None, help="end to end: the scales' lr (default --elr)")
+    ap.add_argument("--eseconds", type=float, default=None, help="wall seconds of the end-to-end phase")
     ap.add_argument("--escales", action="store_true", help="end to end: the quantizers' scales only")
     ap.add_argument("--edata", default="stream", choices=("stream", "calib"))
     ap.add_argument("--loss", default="kd", choices=("kd", "ce"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--heldout", action="store_true", help="also score the held-out windows at the end (for the "
+                    "report; never for a choice)")
     ap.add_argument("--start-cache", default="", help="folder: the start's weights are saved there on first use and "
                     "loaded after (keyed by start, bits, calibration windows and seed; saves GPTQ's 90 s per row)")
     ap.add_argument("--results", default="benchmarks/results/pipeline_screen.jsonl")
@@ -71,7 +77,8 @@ def main() -> None:
     budget = lm_track.DEFAULT
     pipe = Pipeline(start=a.start, calib_windows=a.calib, calib_seq=a.calib_seq, e2e_data=a.edata,
                     e2e_params="scales" if a.escales else "all",
-                    block=BlockwiseConfig(steps=a.bsteps, lr=a.blr, batch=a.bbatch, inputs=a.binputs, loss=a.bloss))
+                    block=BlockwiseConfig(steps=a.bsteps, lr=a.blr, batch=a.bbatch, inputs=a.binputs, loss=a.bloss,
+                                          scale_lr=a.bscale_lr, seconds=a.bseconds))
     res: dict = dict(vars(a))
     torch.manual_seed(a.seed)
     calib = calibration_set(pipe, toks.train, a.seed, force=True)
@@ -101,16 +108,20 @@ def main() -> None:
         res["t_block"], res["ppl_block"] = time.perf_counter() - t0, lm_track.perplexity(model, windows)
         res["moved_block"] = moved()
 
-    budget = replace(budget, steps=a.esteps, lr=a.elr, pipeline=pipe)
+    budget = replace(budget, steps=a.esteps, lr=a.elr, scale_lr=a.escale_lr, seconds=a.eseconds, pipeline=pipe)
     phases = run_phases(model, fp, recipe, budget, lm_track.loss_fn(a.loss, fp), toks.train, calib,
                         Seeds.main_job(a.seed), after_block=after_block, progress=False, desc=f"{a.method} end to end")
     # per block: its loss over the first and the last 5 of its steps (how much each block's training achieved)
     res["block_loss"] = [[sum(c[:5]) / len(c[:5]), sum(c[-5:]) / len(c[-5:])] for c in phases.block_curves if c]
-    if a.esteps:
+    res["blocks"] = phases.record.get("block", {}).get("blocks")
+    if a.esteps or a.eseconds:
+        res["e2e_steps"] = len(phases.curve)
         res["t_e2e"] = time.perf_counter() - t0 - res.get("t_block", 0.0)
         res["ppl_e2e"] = lm_track.perplexity(model, windows)
         res["moved_e2e"] = moved()
         res["schedule"] = _schedule(getattr(model, "jacquant_hook_history", []))
+    if a.heldout:
+        res["ppl_heldout"] = lm_track.perplexity(model, lm_track.eval_windows(toks.valid, 32, 256))
     print(json.dumps(res))
     with open(a.results, "a") as f:
         f.write(json.dumps(res) + "\n")

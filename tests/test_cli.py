@@ -11,7 +11,6 @@ import torch
 
 from jacquant.app.cli import main
 
-
 TRAINED = ("ste", "stableqat", "jacquant")
 
 
@@ -102,6 +101,33 @@ def test_train_eval_export_round_trip(tmp_path, capsys):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
+def test_train_for_a_wall_time_records_each_phase_and_keeps_only_the_better(tmp_path, capsys):
+    model = _tiny_model_dir(tmp_path / "tiny")
+    text = tmp_path / "a.txt"
+    text.write_text(" ".join(f"The value {i} is stored in slot {i % 7} of the table." for i in range(2000)))
+    out = tmp_path / "trained"
+    assert main(["train", model, "--text", str(text), "--out", str(out), "--budget", "40s", "--seq", "32",
+                 "--group", "32", "--block-steps", "50", "--method", "ste"]) == 0
+    summary = json.loads((out / "jacquant.json").read_text())
+    phases = summary["phases"]
+    assert set(phases) == {"start", "block", "e2e"} and summary["budget_seconds"] == 40.0
+    for name in ("block", "e2e"):
+        p = phases[name]
+        assert p["seconds"] > 0 and p["after"] is not None
+        assert p["kept"] == (p["after"] <= p["before"])
+    # the phases chain: each starts from the model the one before left (its own result, or its start if undone)
+    block = phases["block"]
+    assert phases["e2e"]["before"] == pytest.approx(block["after"] if block["kept"] else block["before"])
+    assert summary["steps"] > 0 and summary["total_seconds"] < 40.0 * 1.5
+    capsys.readouterr()
+    assert main(["train", model, "--text", str(text), "--out", str(tmp_path / "o2"), "--budget", "2m",
+                 "--steps", "5"]) == 2
+    assert "one of --steps, --tokens and --budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", model, "--text", str(text), "--out", str(tmp_path / "o3"), "--budget", "soon"])
+    assert "is not a wall time" in capsys.readouterr().err
+
+
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     """argparse refuses a bad flag (SystemExit 2); other mistakes print one `jacquant: error:` line and return 2
     (tests/test_cli_errors.py checks each case)."""
@@ -136,16 +162,17 @@ def test_threads_flag_sets_torch_threads(tmp_path, capsys):
         torch.set_num_threads(before)
 
 
-def test_default_method_is_jacquant_on_every_grid_and_the_main_job_trains_the_product_methods():
-    """`jacquant train` without --method: jacquant's per-group B, GGUF formats included (the learned shape was the
-    default for one round; the 3-seed main job put it +0.84 ± 1.66 behind, docs/method.md); `jacquant run` trains the
-    product methods, and a research rule only when named."""
+def test_default_method_is_ste_on_every_grid_and_the_main_job_trains_the_product_methods():
+    """`jacquant train` without --method: STE (in the block-wise rounding search JacQuant was behind STE on each of 3
+    seeds, docs/pipeline.md), GGUF formats included; `jacquant run` trains the product methods, and a research rule
+    only when named."""
     from jacquant.app.cli import build_parser
-    from jacquant.app.recipes import DEFAULT_JACQUANT, DEFAULT_METHODS
     from jacquant.app.commands import TrainArgs
+    from jacquant.app.recipes import DEFAULT_JACQUANT, DEFAULT_METHOD, DEFAULT_METHODS
 
-    assert DEFAULT_JACQUANT == "jacquant" and DEFAULT_METHODS == ("rtn", "gptq", "ste", "stableqat", "jacquant")
-    assert TrainArgs("m", ["a.txt"], "o").method == TrainArgs("m", ["a.txt"], "o", format="q2_k").method == "jacquant"
-    assert TrainArgs("m", ["a.txt"], "o", method="ste", format="q2_k").method == "ste"
+    assert DEFAULT_METHOD == "ste" and DEFAULT_JACQUANT == "jacquant"
+    assert DEFAULT_METHODS == ("rtn", "gptq", "ste", "stableqat", "jacquant")
+    assert TrainArgs("m", ["a.txt"], "o").method == TrainArgs("m", ["a.txt"], "o", format="q2_k").method == "ste"
+    assert TrainArgs("m", ["a.txt"], "o", method="jacquant", format="q2_k").method == "jacquant"
     args = build_parser().parse_args(["train", "m", "--text", "a.txt", "--out", "o"])
-    assert args.method == "jacquant"
+    assert args.method == "ste"

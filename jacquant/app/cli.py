@@ -6,6 +6,7 @@
     jacquant eval MODEL --text FILE ... [--out DIR]     perplexity, full precision or trained
     jacquant export MODEL --out DIR --onnx FILE         the trained model as an integer ONNX graph
     jacquant export MODEL --out DIR --gguf FILE         the trained model (--format) as a GGUF file for llama.cpp
+    jacquant export MODEL --out DIR --hf HF_DIR         the trained model as a Hugging Face directory
     jacquant generate MODEL --prompt TEXT               text from a --kv-cache ONNX export (onnxruntime) or a
                                                         .gguf file (llama.cpp)
 
@@ -50,6 +51,21 @@ def _threads(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's; use 1 when other jobs share the cores)")
 
 
+def duration(text: str) -> float:
+    """Seconds of a wall time written as ``N``, ``Ns``, ``Nm`` or ``Nh`` (N a positive number)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    scale = units.get(t[-1:], None)
+    number = t[:-1] if scale else t
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a wall time: write e.g. 20m, 90s, 1h or 1200") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a wall time must be positive")
+    return value
+
+
 def _pipeline(p: argparse.ArgumentParser, default) -> None:
     """Flags of the calibrated start and the block-wise phase. Unset flags keep the command's own
     pipeline (``default``, named in the help; ``--quick`` has a smaller one)."""
@@ -59,8 +75,10 @@ def _pipeline(p: argparse.ArgumentParser, default) -> None:
     g.add_argument("--calib-windows", type=int, default=None,
                    help=f"calibration windows for GPTQ and the block-wise phase (default {default.calib_windows})")
     g.add_argument("--block-steps", type=int, default=None,
-                   help=f"block-wise steps per decoder block, 0 = no block-wise phase (default {default.block.steps})")
-    g.add_argument("--block-lr", type=float, default=None, help=f"block-wise learning rate (default {default.block.lr:g})")
+                   help="block-wise steps per decoder block (with --budget: the most per block), 0 = no block-wise "
+                        f"phase (default {default.block.steps or 'as the time allows'})")
+    g.add_argument("--block-lr", type=float, default=None,
+                   help=f"block-wise rounding search: bins a weight moves per step at first (default {default.block.lr:g})")
     g.add_argument("--block-inputs", choices=("quantized", "fp"), default=None,
                    help="block i learns from the trained quantized blocks' outputs or from the fp model's activations "
                         f"(default {default.block.inputs})")
@@ -83,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jacquant.app.commands import TrainArgs
     from jacquant.app.lm_track import DEFAULT
     from jacquant.app.recipes import (
-        DEFAULT_JACQUANT,
+        DEFAULT_METHOD,
         DEFAULT_METHODS,
         RECIPES,
         RESEARCH,
@@ -125,14 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text", nargs="+", required=True, help="training text files (the last 10%% validates)")
     tr.add_argument("--out", required=True, help="output directory")
     _common(tr)
-    tr.add_argument("--method", default=DEFAULT_JACQUANT, metavar="{" + ",".join(TRAINED) + "}",
-                    help=f"QAT method (default {DEFAULT_JACQUANT}: B per group, refreshed by Dither; research rules, "
-                         f"only when named: {', '.join(RESEARCH)})")
-    tr.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
+    tr.add_argument("--method", default=DEFAULT_METHOD, metavar="{" + ",".join(TRAINED) + "}",
+                    help=f"QAT method: the backward rule (default {DEFAULT_METHOD}, which measured best in the "
+                         f"block-wise phase; jacquant: B per group, refreshed by Dither; research rules, only when "
+                         f"named: {', '.join(RESEARCH)})")
+    tr.add_argument("--steps", type=int, default=None, help="end-to-end optimizer steps instead of --budget")
     tr.add_argument("--tokens", type=int, default=None, help="training tokens instead of --steps")
+    tr.add_argument("--budget", type=duration, default=None, metavar="TIME",
+                    help="wall time for the whole run, e.g. 20m, 90s, 1h or 1200 (seconds): after the start, half to "
+                         "the block-wise phase and half to end-to-end QAT (default 20m when no --steps or --tokens)")
+    tr.add_argument("--teacher", default=None, metavar="MODEL",
+                    help="the full-precision model to distil from and compare to, when MODEL is a quantized checkpoint "
+                         "(default: MODEL itself)")
     tr.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     tr.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    tr.add_argument("--lr", type=float, default=None,
+                    help="end-to-end peak learning rate, cosine decay (default 1e-3 at 2 bits, halved per further bit)")
     tr.add_argument("--loss", default="kd", choices=("ce", "kd"),
                     help="kd: KL to the full-precision model's logits (default); ce: next-token cross entropy")
     tr.add_argument("--train-embedding", action="store_true",
@@ -156,13 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     _threads(ev)
 
-    ex = sub.add_parser("export", help="the trained model as an integer-weight ONNX graph or a GGUF file")
+    ex = sub.add_parser("export", help="the trained model as an integer-weight ONNX graph, a GGUF file or a Hugging "
+                                       "Face directory")
     ex.add_argument("model")
     ex.add_argument("--out", required=True, help="the `jacquant train` output directory")
     dest = ex.add_mutually_exclusive_group(required=True)
     dest.add_argument("--onnx", help="ONNX file to write")
     dest.add_argument("--gguf", help="GGUF file to write for llama.cpp (a model trained with --format; MODEL must be "
                                      "the GGUF file it came from: its tokenizer is carried over)")
+    dest.add_argument("--hf", help="Hugging Face directory to write (compressed-tensors pack-quantized, with the "
+                                   "tokenizer and a model card): transformers' from_pretrained and vLLM load it")
     ex.add_argument("--head", default=None, choices=("q8_0", "f16", "f32"),
                     help="with --gguf: the embedding/LM head's type (default: as the source GGUF had it)")
     ex.add_argument("--target", default="ort", choices=("ort", "onnx"),
@@ -224,11 +253,15 @@ def check_inputs(args: argparse.Namespace) -> None:
             check_text_file(path)
     if args.command in ("train", "eval", "export"):
         check_model(args.model)
+    if args.command == "train" and args.teacher:
+        check_model(args.teacher)
     if args.command == "train" and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise NotADirectoryError(f"--out {args.out} is a file: pass a directory for the trained model")
     if (args.command == "eval" and args.out) or args.command == "export":
         check_trained_dir(args.model, args.out)
-    if args.command == "export":
+    if args.command == "export" and args.hf:
+        check_export_dir(args.hf, "--hf")
+    elif args.command == "export":
         check_export_file(args.gguf or args.onnx, "--gguf" if args.gguf else "--onnx",
                           creates_folder=bool(args.onnx and args.kv_cache))
     if args.command == "generate":
@@ -252,6 +285,16 @@ def check_export_file(path: str, flag: str, creates_folder: bool) -> None:
     folder = os.path.dirname(path)
     if folder and not creates_folder and not os.path.isdir(folder):
         raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder})")
+
+
+def check_export_dir(path: str, flag: str) -> None:
+    """Raise if the directory to export to exists and is not empty, or its parent does not exist."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{flag} {path} already exists and is not an empty directory: pass a new directory, or "
+                              "remove it first")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{flag} {path}: the folder {parent} does not exist; create it first (mkdir -p {parent})")
 
 
 def check_generate_model(path: str) -> None:
@@ -332,9 +375,10 @@ def run_command(args: argparse.Namespace) -> None:
 
         summary = train_model(TrainArgs(
             model=args.model, text=args.text, out=args.out, bits=args.bits, group=args.group, method=args.method,
-            steps=args.steps, tokens=args.tokens, seq=args.seq, batch=args.batch, lr=args.lr, seed=args.seed,
+            steps=args.steps, tokens=args.tokens, budget=args.budget, seq=args.seq, batch=args.batch, lr=args.lr, seed=args.seed,
             device=args.device, loss=args.loss, freeze_embedding=not args.train_embedding,
             checkpoint_every=args.checkpoint_every, format=args.format, fallback=args.fallback, init=args.init,
+            block_off=args.block_steps == 0, teacher=args.teacher,
             pipeline=pipeline_from_args(args, TrainArgs.__dataclass_fields__["pipeline"].default_factory(),
                                         calib_seq=args.seq)))
         print(json.dumps(summary, indent=1))
@@ -343,6 +387,11 @@ def run_command(args: argparse.Namespace) -> None:
 
         print(json.dumps(eval_model(args.model, args.text, args.out, args.seq, device=args.device), indent=1))
     elif args.command == "export":
+        if args.hf:
+            from jacquant.app.commands import export_hf_model
+
+            print(json.dumps(export_hf_model(args.model, args.out, args.hf), indent=1))
+            return
         if args.gguf:
             from jacquant.app.commands import export_gguf_model
 

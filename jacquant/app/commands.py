@@ -12,6 +12,10 @@ model's tokenizer, or byte by byte (UTF-8, ids 0-255) when the directory has non
 With ``--format q4_0 | q4_1 | q2_k`` (GGUF's formats, :mod:`jacquant.primitives.formats`) the integer model is that format's,
 and ``jacquant export MODEL --out DIR --gguf FILE`` writes it for llama.cpp (:func:`jacquant.export.export_gguf`),
 the tokenizer and metadata carried over from MODEL's GGUF file.
+
+``jacquant export MODEL --out DIR --hf HF_DIR`` writes a Hugging Face directory in compressed-tensors' pack-quantized
+format (:func:`jacquant.export.export_hf`); ``jacquant train HF_DIR`` on such a directory (or any compressed-tensors
+pack-quantized checkpoint) starts QAT from its codes and scales, with no GPTQ start.
 """
 from __future__ import annotations
 
@@ -27,25 +31,48 @@ import torch.nn as nn
 from torch import Tensor
 
 from jacquant.app import lm_track
-from jacquant.app.models import find_gguf, load_model
+from jacquant.app.blockwise import BlockwiseConfig
+from jacquant.app.models import (
+    checkpoint_config,
+    find_gguf,
+    load_model,
+    quantized_checkpoint,
+)
 from jacquant.app.pipeline import (
+    BLOCK_SHARE,
     Budget,
     Pipeline,
     Seeds,
     calibrated_start,
     calibration_set,
+    e2e_lr,
     gptq_start,
     run_phases,
+    timed_budget,
 )
-from jacquant.app.recipes import DEFAULT_JACQUANT, RESEARCH, TRAINED
+from jacquant.app.recipes import DEFAULT_METHOD, RESEARCH, TRAINED
 from jacquant.app.recipes import recipe as named_recipe
 from jacquant.config import QuantConfig
 from jacquant.export.convert import convert, load_converted, save_converted
+from jacquant.export.hf import apply_hf_quantized
 from jacquant.qat.plot import plot
 
 VALID_FRACTION = 0.1
 TRAINED_FILES = ("model.safetensors", "jacquant.json")
 """What ``jacquant train`` writes to --out when it finishes, and ``eval --out`` and ``export`` read back."""
+
+DEFAULT_BUDGET = 20 * 60.0
+"""``jacquant train`` without --steps, --tokens or --budget runs for this wall time (seconds)."""
+
+DEFAULT_PIPELINE = Pipeline(block=BlockwiseConfig(steps=0, lr=0.02, scale_lr=0.02, batch=8))
+"""``jacquant train``'s pipeline: GPTQ start, then (with a wall-time budget, the default) half the time left to the
+block-wise rounding search (0.02 bins per step) and half to end-to-end KD, the configuration that beat AutoRound at
+its own wall time at 2 bits (docs/pipeline.md). With --steps or --tokens the block-wise phase runs only when
+--block-steps is given; ``--block-steps 0`` turns it off in either case."""
+
+EVAL_RESERVE = 3.0
+"""With --budget: the wall time kept back for the evaluations after training, in units of the fp model's
+evaluation (the trained model's validation perplexity, its last tuning-slice score, conversion and saving)."""
 
 CHECKPOINT_FILE = "checkpoint.pt"
 """What an unfinished ``jacquant train`` leaves in --out; the same command resumes from it."""
@@ -60,22 +87,25 @@ class TrainArgs:
     out: str
     bits: int = 2
     group: int = 64
-    method: str = DEFAULT_JACQUANT
+    method: str = DEFAULT_METHOD
     steps: Optional[int] = None
     tokens: Optional[int] = None
+    budget: Optional[float] = None  # wall seconds for the whole run (start, block-wise, end to end)
     seq: int = 256
     batch: int = 8
-    lr: float = 1e-3
+    lr: Optional[float] = None  # None: e2e_lr(bits)
     seed: int = 0
     device: str = "cpu"
     eval_windows: int = 64
     loss: str = "kd"
     freeze_embedding: bool = True
     checkpoint_every: int = 50
-    pipeline: Pipeline = field(default_factory=Pipeline)  # the calibrated start and the block-wise phase
+    pipeline: Pipeline = field(default_factory=lambda: DEFAULT_PIPELINE)  # the start and the block-wise phase
     format: Optional[str] = None
     fallback: Optional[str] = None
     init: str = "mse"
+    block_off: bool = False  # --block-steps 0: no block-wise phase, also under a wall-time budget
+    teacher: Optional[str] = None  # the full-precision reference when MODEL is a quantized checkpoint
 
     def config(self) -> QuantConfig:
         """The QuantConfig of the run (a GGUF ``format`` sets bits and group)."""
@@ -115,6 +145,19 @@ def tokenize(paths: list[str], tokenizer, vocab_size: int) -> Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+TUNE_FRACTION = 0.05
+TUNE_WINDOWS = 16
+
+
+def tune_split(train_ids: Tensor, seq: int) -> tuple[Tensor, Tensor]:
+    """(train, tune): the last 5% of the training tokens are the tuning slice that scores each phase (never
+    trained on, never the validation text); when it would hold less than one window of ``seq + 1``, it is empty."""
+    cut = int(len(train_ids) * (1 - TUNE_FRACTION))
+    if len(train_ids) - cut < seq + 1:
+        return train_ids, train_ids[:0]
+    return train_ids[:cut], train_ids[cut:]
+
+
 def split_tokens(ids: Tensor, seq: int) -> tuple[Tensor, Tensor]:
     """(train, valid): the last 10% of the stream validates; both must hold a window of ``seq + 1``."""
     cut = int(len(ids) * (1 - VALID_FRACTION))
@@ -136,28 +179,48 @@ def train_model(a: TrainArgs, log=print) -> dict:
     if a.method not in TRAINED and a.method not in RESEARCH:
         raise ValueError(f"--method {a.method!r}: choose a trained method from {list(TRAINED)} "
                          f"(research rules: {list(RESEARCH)})")
-    if a.steps is not None and a.tokens is not None:
-        raise ValueError("give --steps or --tokens, not both")
-    steps = a.steps if a.steps is not None else max(1, a.tokens // (a.batch * a.seq)) if a.tokens else 200
-    if steps < 1:
+    if sum(x is not None for x in (a.steps, a.tokens, a.budget)) > 1:
+        raise ValueError("give one of --steps, --tokens and --budget")
+    if a.budget is not None and not a.budget > 0:
+        raise ValueError(f"--budget {a.budget:g} s must be positive, e.g. --budget 20m")
+    t_run = time.perf_counter()
+    if a.steps is None and a.tokens is None and a.budget is None:
+        a = replace(a, budget=DEFAULT_BUDGET)
+    steps = a.steps if a.steps is not None else max(1, a.tokens // (a.batch * a.seq)) if a.tokens else 0
+    if steps < 1 and a.budget is None:
         raise ValueError(f"--steps {steps} must be at least 1")
     torch.manual_seed(a.seed)
     fp, tok = load_model(a.model, a.device)
+    if a.teacher is not None:  # the reference (KD teacher, block-wise targets, the fp row) is another model
+        fp_start, fp = fp, load_model(a.teacher, a.device)[0]
+    else:
+        fp_start = fp
     ids = tokenize(a.text, tok, fp.config.vocab_size)
     train_ids, valid_ids = split_tokens(ids, a.seq)
+    train_ids, tune_ids = tune_split(train_ids, a.seq)
     log(f"{a.model}: {sum(p.numel() for p in fp.parameters()) / 1e6:.1f} M parameters; {len(train_ids):,} training "
         f"and {len(valid_ids):,} validation tokens ({'bytes' if tok is None else type(tok).__name__})")
+    t = time.perf_counter()
     fp_ppl = perplexity(fp, valid_ids, a.seq, a.eval_windows)
+    fp_eval_s = time.perf_counter() - t
     recipe = named_recipe(a.method)
     config = a.config()
     pipe = a.pipeline
+    peer = quantized_checkpoint(a.model)  # a compressed-tensors checkpoint: its codes and scales are the start
+    if peer is not None:
+        config, pipe = checkpoint_config(peer, config, a.model), replace(pipe, start="rtn")  # no GPTQ refit
+        log(f"{a.model}: a W{config.bits} g{config.group} quantized checkpoint; QAT starts from its codes and scales"
+            + ("" if a.teacher else "; without --teacher it is also its own KD teacher (pass the fp model, or --loss ce)"))
     os.makedirs(a.out, exist_ok=True)
     ckpt, start_ckpt, block_dir = (os.path.join(a.out, n) for n in (CHECKPOINT_FILE, "start.pt", "blockwise"))
-    budget = Budget(steps=steps, lr=a.lr, batch=a.batch, seq=a.seq, loss=a.loss, freeze_embedding=a.freeze_embedding,
+    lr = a.lr if a.lr is not None else e2e_lr(config.bits)
+    budget = Budget(steps=steps, lr=lr, batch=a.batch, seq=a.seq, loss=a.loss, freeze_embedding=a.freeze_embedding,
                     pipeline=pipe)
     # the RTN start first (scored), then GPTQ in place below: resumable through start.pt
-    model = calibrated_start(fp, replace(config, method=recipe.rule), replace(pipe, start="rtn"), None,
+    model = calibrated_start(fp_start, replace(config, method=recipe.rule), replace(pipe, start="rtn"), None,
                              frozen_embedding=a.freeze_embedding)
+    if peer is not None:
+        apply_hf_quantized(model, peer)
     rtn_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
     t0 = time.perf_counter()
     calib = calibration_set(pipe, train_ids, a.seed, a.device)
@@ -172,33 +235,51 @@ def train_model(a: TrainArgs, log=print) -> dict:
         else:
             gptq_start(model, calib)
             torch.save(model.state_dict(), start_ckpt)
+    start_s = time.perf_counter() - t0
     start_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows) if pipe.start == "gptq" and not resuming else None
-    if pipe.block.steps and not resuming:
+    if a.budget is not None:  # what is left of the wall time after the start, split between the phases
+        share = 0.0 if a.block_off else BLOCK_SHARE
+        budget = timed_budget(budget, a.budget - (time.perf_counter() - t_run) - EVAL_RESERVE * fp_eval_s, share)
+        log(f"--budget {a.budget:.0f} s: block-wise {budget.pipeline.block.seconds:.0f} s, end to end "
+            f"{budget.seconds:.0f} s")
+    if budget.pipeline.block.active and not resuming:
         os.makedirs(block_dir, exist_ok=True)
+    score = (lambda m: perplexity(m, tune_ids, a.seq, TUNE_WINDOWS)) if len(tune_ids) else None
     objective = lm_track.loss_fn(a.loss, fp)
-    teacher = fp if pipe.block.steps and not resuming else None  # the block-wise phase's targets
+    teacher = fp if budget.pipeline.block.active and not resuming else None  # the block-wise phase's targets
+    del fp_start
     if a.loss == "ce":
         del fp  # CE needs no fp model end to end (the block-wise phase holds it through ``teacher`` while it runs)
     stats_path = os.path.join(a.out, "stats.jsonl")
-    curve = run_phases(model, teacher, recipe, budget, objective, train_ids, calib, Seeds.train_command(a.seed),
-                       device=a.device, block_dir=block_dir, skip_block=resuming, log_path=stats_path,
-                       log_every=max(1, steps // 50), desc=f"QAT {a.method} W{a.bits}",
-                       checkpoint=ckpt if a.checkpoint_every > 0 else None,
-                       checkpoint_every=a.checkpoint_every).curve
+    phases = run_phases(model, teacher, recipe, budget, objective, train_ids, calib, Seeds.train_command(a.seed),
+                        device=a.device, block_dir=block_dir, skip_block=resuming, log_path=stats_path,
+                        log_every=max(1, steps // 50) if steps else 10, desc=f"QAT {a.method} W{a.bits}",
+                        checkpoint=ckpt if a.checkpoint_every > 0 else None,
+                        checkpoint_every=a.checkpoint_every, score=score)
+    curve = phases.curve
+    for name, r in phases.record.items():
+        if r["before"] is not None:
+            log(f"{name}: tuning-slice perplexity {r['before']:.3f} → {r['after']:.3f} in {r['seconds']:.0f} s: "
+                + ("kept" if r["kept"] else "worse, so the model before it is kept"))
     seconds = time.perf_counter() - t0
     qat_ppl = perplexity(model, valid_ids, a.seq, a.eval_windows)
     plot(stats_path, os.path.join(a.out, "stats.png"))
     convert(model)  # also drops the refresh clock and RNG: training state, not part of the integer model
     save_converted(model.cpu(), os.path.join(a.out, "model.safetensors"))
     summary = {"model": a.model, "bits": config.bits, "group": config.group, "format": a.format,
-               "fallback": a.fallback, "init": a.init, "method": a.method, "steps": steps,
-               "tokens": steps * a.batch * a.seq, "seq": a.seq, "lr": a.lr, "seed": a.seed, "seconds": seconds,
+               "fallback": a.fallback, "init": a.init, "method": a.method, "steps": len(curve),
+               "tokens": len(curve) * a.batch * a.seq, "seq": a.seq, "lr": lr, "seed": a.seed, "seconds": seconds,
                "loss": a.loss, "freeze_embedding": a.freeze_embedding,
                "tokenizer": "bytes" if tok is None else "model",
                "ppl": {"fp32": fp_ppl, "rtn": rtn_ppl, "start": start_ppl, "qat": qat_ppl},
                "pipeline": {"start": pipe.start, "calib_tokens": pipe.calib_tokens, "block_steps": pipe.block.steps,
-                            "block_lr": pipe.block.lr, "block_inputs": pipe.block.inputs, "e2e_params": pipe.e2e_params},
-               "final_loss": curve[-1]}
+                            "block_lr": pipe.block.lr, "block_scale_lr": pipe.block.scale_lr,
+                            "block_batch": pipe.block.batch,
+                            "block_inputs": pipe.block.inputs, "block_seconds": budget.pipeline.block.seconds,
+                            "e2e_params": pipe.e2e_params, "e2e_seconds": budget.seconds},
+               "budget_seconds": a.budget, "total_seconds": time.perf_counter() - t_run,
+               "phases": {"start": {"seconds": start_s}, **phases.record},
+               "final_loss": curve[-1] if curve else None}
     with open(os.path.join(a.out, "jacquant.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for done in (ckpt, start_ckpt):  # finished: the integer model above is the result
@@ -260,6 +341,15 @@ def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accu
     example = torch.randint(0, m.config.vocab_size, (2, 16))
     export_onnx(m, (example,), onnx_path, target=target, accuracy_level=accuracy_level, widen_bits=summary["bits"] == 3)
     return {"path": onnx_path, "mib": os.path.getsize(onnx_path) / 2**20, "target": target, "bits": summary["bits"]}
+
+
+def export_hf_model(model: str, out: str, hf_dir: str) -> dict:
+    """Write the trained model in ``out`` as a Hugging Face directory in compressed-tensors' pack-quantized format,
+    with ``model``'s tokenizer and a model card from jacquant.json (:func:`jacquant.export.export_hf`)."""
+    from jacquant.export import export_hf
+
+    m, tok, summary = load_trained(model, out)
+    return export_hf(m, hf_dir, tokenizer=tok, card=summary)
 
 
 def export_gguf_model(model: str, out: str, gguf_path: str, head: Optional[str] = None) -> dict:

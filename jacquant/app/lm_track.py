@@ -63,13 +63,17 @@ class Budget(pipeline.Budget):
 
     eval_windows: int = 32
     eval_seq: int = 256
+    tune_windows: int = 16
     generate_tokens: int = 24
     other_windows: int = 64
     other_seq: int = 128
 
 
-DEFAULT = Budget()
-QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, generate_tokens=8, other_windows=4, other_seq=64,
+DEFAULT = Budget(pipeline=Pipeline(block=BlockwiseConfig(steps=10, lr=0.05, scale_lr=0.05, batch=8)))
+"""The main job: GPTQ start, the block-wise rounding search (10 steps per block, 0.05 bins per step), 60 end-to-end
+KD steps (lr 1e-3 at 2 bits, :func:`jacquant.app.pipeline.e2e_lr` at others), each phase kept only if it lowers the
+tuning-slice perplexity."""
+QUICK = Budget(steps=3, batch=2, seq=32, eval_windows=4, eval_seq=64, tune_windows=2, generate_tokens=8, other_windows=4, other_seq=64,
                pipeline=Pipeline(calib_windows=4, calib_seq=32, block=BlockwiseConfig(steps=2, batch=2)))
 LOSSES = ("ce", "kd")
 
@@ -193,6 +197,7 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
     """
     device = next(fp_model.parameters()).device
     windows = eval_windows(toks.valid, budget.eval_windows, budget.eval_seq).to(device)
+    tune = eval_windows(toks.tune, budget.tune_windows, budget.eval_seq).to(device)
     other = other_windows(tokenizer, budget.other_windows, budget.other_seq).to(device) \
         if tokenizer is not None and os.path.isfile(data.OTHER_TEXT) else None
     if tokenizer is not None and other is None:
@@ -239,7 +244,7 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
             if recipe.train:
                 logp = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
                 model, done = train_from(base, fp_model, recipe, budget, objective, toks.train, calib, seed, device,
-                                         log_path=logp)
+                                         log_path=logp, score=lambda m: perplexity(m, tune))
                 curve, block_curves = done.curve, done.block_curves
                 train_s = time.perf_counter() - t0
             seconds = time.perf_counter() - t0 + start_s  # the shared start counts for every method that uses it
@@ -248,7 +253,7 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
                 pipe.calib_tokens if recipe.train else 0
             n_tok = budget.e2e_tokens if recipe.train else 0
             row.update(tokens=n_tok, calib_tokens=calib_tokens, tokens_per_s=n_tok / train_s if train_s else None,
-                       block_curves=block_curves)
+                       block_curves=block_curves, phases=done.record if recipe.train else {})
             rows.append(row)
             log(f"{recipe.name} seed {seed}: held-out perplexity {row['metrics']['ppl']:.3f} "
                 f"({row['seconds']:.0f} s" + (f", {row['tokens_per_s']:.0f} training tokens/s)" if n_tok else ")"))
@@ -262,12 +267,14 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
 
 
 def train_from(start: nn.Module, fp_model: nn.Module, recipe: Recipe, budget: Budget, objective: Callable,
-               train: Tensor, calib: Optional[Tensor], seed: int, device, log_path: Optional[str] = None
-               ) -> tuple[nn.Module, Phases]:
+               train: Tensor, calib: Optional[Tensor], seed: int, device, log_path: Optional[str] = None,
+               score: Optional[Callable[[nn.Module], float]] = None) -> tuple[nn.Module, Phases]:
     """One method's run of the main job from a given ``start`` (:func:`jacquant.app.pipeline.train_phases` with the
-    main job's seeds and logging). Returns (model, the phases' result)."""
+    main job's seeds and logging; ``score``, the tuning slice's perplexity, keeps the better model after each
+    phase). Returns (model, the phases' result)."""
     return train_phases(start, fp_model, recipe, budget, objective, train, calib, Seeds.main_job(seed), device=device,
-                        log_path=log_path, log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}")
+                        log_path=log_path, log_every=max(1, budget.steps // 30), desc=f"lm {recipe.name} seed {seed}",
+                        score=score)
 
 
 def recovery(ppl: float, ppl_rtn: float, ppl_fp: float) -> float:

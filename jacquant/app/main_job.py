@@ -25,6 +25,7 @@ import torch
 
 from jacquant.app import data, lm_track, report
 from jacquant.app.models import load_fp
+from jacquant.app.pipeline import e2e_lr
 from jacquant.app.recipes import DEFAULT_METHODS, recipes
 from jacquant.qat import plot
 
@@ -78,7 +79,7 @@ def run_accuracy(
 
     if "lm" in tracks:
         budget = lm_track.QUICK if quick else lm_track.DEFAULT
-        budget = replace(budget, steps=lm_steps or budget.steps, lr=lm_lr or budget.lr, loss=lm_loss or budget.loss,
+        budget = replace(budget, steps=lm_steps or budget.steps, lr=lm_lr or (budget.lr if quick else e2e_lr(bits)), loss=lm_loss or budget.loss,
                          pipeline=pipeline or budget.pipeline)
         with timed("lm: load SmolLM2-135M (GGUF conversion on first use)"):
             fp, tok, info = load_fp(log=log, device=device)

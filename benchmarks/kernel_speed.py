@@ -9,7 +9,7 @@ Shapes (N, K): 4096x4096, 11008x4096 (in 4096 -> out 11008 and back), 8192x8192.
 the minimum each kernel must move (reads + writes once); GB/s = bytes / median time (do_bench).
 Peak is the device's nominal HBM bandwidth where known (--peak overrides), else a measured copy.
 
-    python benchmarks/kernels.py [--bits 2] [--group 64] [--only fq|matmul] [--peak 3350]
+    python benchmarks/kernel_speed.py [--bits 2] [--group 64] [--only fq|matmul] [--peak 3350]
 """
 from __future__ import annotations
 
@@ -107,11 +107,11 @@ def main() -> None:
     p.add_argument("--peak", type=float, help="peak memory bandwidth in GB/s (default: by device name)")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False). "
+        sys.exit("benchmarks/kernel_speed.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False). "
                  "The kernels' correctness runs on CPU in tests/test_kernels.py under TRITON_INTERPRET=1.")
     from jacquant.kernels.triton_util import HAS_TRITON, interpreting
     if not HAS_TRITON or interpreting():
-        sys.exit("benchmarks/kernels.py needs triton installed and TRITON_INTERPRET unset")
+        sys.exit("benchmarks/kernel_speed.py needs triton installed and TRITON_INTERPRET unset")
     peak, source = peak_gbps(args.peak)
     print(f"device: {torch.cuda.get_device_name()}, peak {peak:.0f} GB/s ({source}), torch {torch.__version__}")
     if args.only in (None, "fq"):
