@@ -216,6 +216,8 @@ def _write(conv: nn.Module, layers: dict[str, QuantizedLayer], out: str, tokeniz
     compressor = ModelCompressor.from_pretrained_model(skeleton, quantization_format=FORMAT)
     compressor.compress_model(skeleton)
     _check_packed(skeleton, layers)
+    if getattr(skeleton.config, "tie_word_embeddings", False):
+        skeleton.tie_weights()  # one tensor for the tied embedding and head, so it is stored once
     skeleton.save_pretrained(out)
     compressor.update_config(out)
     path = os.path.join(out, "config.json")
