@@ -145,14 +145,13 @@ def tokenize(paths: list[str], tokenizer, vocab_size: int) -> Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-TUNE_FRACTION = 0.05
 TUNE_WINDOWS = 16
 
 
 def tune_split(train_ids: Tensor, seq: int) -> tuple[Tensor, Tensor]:
     """(train, tune): the last 5% of the training tokens are the tuning slice that scores each phase (never
     trained on, never the validation text); when it would hold less than one window of ``seq + 1``, it is empty."""
-    cut = int(len(train_ids) * (1 - TUNE_FRACTION))
+    cut = int(len(train_ids) * (1 - lm_track.TUNE_FRACTION))
     if len(train_ids) - cut < seq + 1:
         return train_ids, train_ids[:0]
     return train_ids[:cut], train_ids[cut:]

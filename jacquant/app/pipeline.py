@@ -255,18 +255,14 @@ def keep_better(model: nn.Module, phase: Callable[[], object], score: Optional[C
     Returns (what the phase returned, ``{"seconds", "before", "after", "kept"}``); without ``score`` the phase's
     model is kept unscored. ``before``: the score of the model as it is now, if already measured.
     """
-    if score is None:
-        t = time.perf_counter()
-        out = phase()
-        return out, {"seconds": time.perf_counter() - t, "before": None, "after": None, "kept": True}
-    if before is None:
+    if score is not None and before is None:
         before = score(model)
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if score is not None else None
     t = time.perf_counter()
     out = phase()
     seconds = time.perf_counter() - t
-    after = score(model)
-    kept = after <= before
+    after = score(model) if score is not None else None
+    kept = after is None or after <= before
     if not kept:
         model.load_state_dict(saved)
     return out, {"seconds": seconds, "before": before, "after": after, "kept": kept}
