@@ -41,13 +41,13 @@ from jacquant.qat.quantizer import sites
 
 
 def jacquant_bpw(model: torch.nn.Module) -> float:
-    """Bits per weight of the quantized linear layers as exported (MatMulNBits): b-bit codes, one fp32 scale and
-    one b-bit zero point per group of G."""
+    """Bits per weight of the quantized linear layers as the transformers checkpoint stores them (and as AutoRound
+    counts its own): b-bit codes, one fp16 scale and one b-bit zero point per group of G."""
     bits = total = 0
     for s in sites(model):
         q = s.quantizer
         n = s.weight.numel()
-        bits += n * q.bits + (n // q.group) * (32 + q.bits)
+        bits += n * q.bits + (n // q.group) * (16 + q.bits)
         total += n
     return bits / total
 

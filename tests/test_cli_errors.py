@@ -75,6 +75,9 @@ CASES = [
      FileNotFoundError, ["missing.gguf", "does not exist", "--gguf FILE"]),
     ("--threads 0", lambda t, m: ["eval", m, "--text", text_file(t), "--threads", "0"],
      ValueError, ["--threads 0 must be at least 1"]),
+    ("--hf-scales without --hf", lambda t, m: ["export", m, "--out", str(t), "--onnx", str(t / "f.onnx"),
+                                               "--hf-scales", "fp16"],
+     ValueError, ["--hf-scales", "with --hf"]),
 ]
 
 

@@ -91,7 +91,7 @@ def test_checkpoint_holds_the_converted_grid_and_transformers_computes_it(tmp_pa
         zp = numpy_unpack_int32(tensors[f"{name}.weight_zero_point"].T, b, n).T
         scale = tensors[f"{name}.weight_scale"]
         assert scale.dtype == np.float32 and list(tensors[f"{name}.weight_shape"]) == [n, k]
-        # the codes and zero points are the trained model's, offset by 2^(b-1); the scales are its fp32 scales
+        # the codes and zero points are the trained model's, offset by 2^(b-1); the scales are its scales
         np.testing.assert_array_equal(q + (1 << (b - 1)), s.packed.codes().numpy())
         np.testing.assert_array_equal(zp + (1 << (b - 1)), s.packed.zero_point.numpy())
         np.testing.assert_array_equal(scale, s.packed.scale.numpy())
@@ -112,6 +112,37 @@ def test_checkpoint_holds_the_converted_grid_and_transformers_computes_it(tmp_pa
     if bits == 2:
         tok = transformers.AutoTokenizer.from_pretrained(str(out))
         assert tok("w5 w17").input_ids == [5, 17]
+
+
+def test_fp16_scales_halve_the_scale_bytes_and_transformers_rounds_each_weight_to_fp16(tmp_path):
+    """scale_dtype=float16 stores the same scales (fp16 values) in 2 bytes; transformers multiplies in the stored
+    dtype, so each loaded weight is fp16((q - zp)·s): computed here with numpy in fp16, and within 2^-11 of the
+    converted model's weight relative."""
+    conv = _converted(4)
+    wide, narrow = tmp_path / "fp32", tmp_path / "fp16"
+    a = export_hf(conv, str(wide))
+    b = export_hf(conv, str(narrow), scale_dtype=torch.float16)
+    tensors = load_file(str(narrow / "model.safetensors"))
+    scales = [k for k in tensors if k.endswith("weight_scale")]
+    assert len(scales) == 14 and a["bytes"] - b["bytes"] >= 2 * sum(tensors[k].size for k in scales) - 4096
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(narrow)).eval()
+    packed = {s.path.rpartition(".")[0]: s.packed for s in packed_sites(conv)}
+    for key in scales:
+        name = key.rpartition(".")[0]
+        scale = tensors[key]
+        assert scale.dtype == np.float16
+        np.testing.assert_array_equal(scale.astype(np.float32), packed[name].scale.numpy())
+        n, k = packed[name].out_features, packed[name].in_features
+        q = numpy_unpack_int32(tensors[f"{name}.weight_packed"], 4, k)
+        zp = numpy_unpack_int32(tensors[f"{name}.weight_zero_point"].T, 4, n).T
+        want = (q - np.repeat(zp, 32, axis=1)).astype(np.float16) * np.repeat(scale, 32, axis=1)  # fp16 product
+        got = hf.get_submodule(name).weight.detach().numpy()
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+        exact = packed[name].dequantized().numpy()
+        assert np.all(np.abs(got - exact) <= 2.0 ** -11 * np.abs(exact))
+    assert "fp16 scales" in (narrow / "README.md").read_text()
+    with pytest.raises(ValueError, match="scale_dtype"):
+        export_hf(conv, str(tmp_path / "bf16"), scale_dtype=torch.bfloat16)
 
 
 def test_refuses_grids_directories_and_models_it_cannot_export_and_leaves_nothing(tmp_path, monkeypatch):
@@ -193,7 +224,8 @@ def test_compressed_tensors_own_checkpoint_is_a_qat_start(tmp_path, bits, symmet
     compressor.compress_model(dense)
     dense.save_pretrained(str(tmp_path / "ct"))
     compressor.update_config(str(tmp_path / "ct"))
-    model = load_hf_quantized(str(tmp_path / "ct"))
+    with pytest.warns(UserWarning, match=r"14 of 14 layers store scales that are not fp16 values.*at most \d"):
+        model = load_hf_quantized(str(tmp_path / "ct"))  # compressed-tensors' own min/max scales are fp32
     got = {s.name: s for s in sites(model)}
     assert set(got) == set(want) and len(want) == 14
     for name, (codes, scale) in want.items():

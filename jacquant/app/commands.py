@@ -342,13 +342,15 @@ def export_model(model: str, out: str, onnx_path: str, target: str = "ort", accu
     return {"path": onnx_path, "mib": os.path.getsize(onnx_path) / 2**20, "target": target, "bits": summary["bits"]}
 
 
-def export_hf_model(model: str, out: str, hf_dir: str) -> dict:
+def export_hf_model(model: str, out: str, hf_dir: str, scales: str = "fp32") -> dict:
     """Write the trained model in ``out`` as a Hugging Face directory in compressed-tensors' pack-quantized format,
-    with ``model``'s tokenizer and a model card from jacquant.json (:func:`jacquant.export.export_hf`)."""
+    with ``model``'s tokenizer and a model card from jacquant.json (:func:`jacquant.export.export_hf`); ``scales``
+    ``fp32`` or ``fp16``, the stored scales' dtype."""
     from jacquant.export import export_hf
 
     m, tok, summary = load_trained(model, out)
-    return export_hf(m, hf_dir, tokenizer=tok, card=summary)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[scales]
+    return export_hf(m, hf_dir, tokenizer=tok, card=summary, scale_dtype=dtype)
 
 
 def export_gguf_model(model: str, out: str, gguf_path: str, head: Optional[str] = None) -> dict:

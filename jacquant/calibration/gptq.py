@@ -155,10 +155,10 @@ def _gptq_sites(shared: list[Site], h: Tensor, damp: float) -> list[dict]:
     q0 = qs[0]
     ws = [q.as_nk(st.weight).detach() for q, st in zip(qs, shared)]
     w = torch.cat(ws)
-    q4_0 = q0.format == "q4_0"  # GGUF's Q4_0: zero point 8, the scale stored in fp16
+    q4_0 = q0.format == "q4_0"  # GGUF's Q4_0: zero point 8
     latent, scale, zero = gptq_quantize(w, h, q0.bits, q0.group, init="mse" if q0.init == "llama" else q0.init,
                                         symmetric=q0.symmetric or q4_0, damp=damp,
-                                        stored_scale=fp16_scale if q4_0 else None)
+                                        stored_scale=fp16_scale)  # every grid's forward multiplies by fp16(s)
     out, row = [], 0
     for st, q, wi in zip(shared, qs, ws):
         rows = slice(row, row + wi.shape[0])

@@ -2,21 +2,26 @@
 
 jacquant's grid, per group of G weights along K (:mod:`jacquant.primitives.grid`):
 
-    c = clamp(round(w/s + z), 0, 2^b - 1)        Q(w) = s·(c - z)        z integer in [0, 2^b - 1], s fp32
+    c = clamp(round(w/s + z), 0, 2^b - 1)        Q(w) = s·(c - z)        z integer in [0, 2^b - 1], s an fp16 value
 
 compressed-tensors' INT grid (asymmetric, ``strategy: group``) is signed:
 
     q = clamp(round(w/s + zp), -2^(b-1), 2^(b-1) - 1)        Q(w) = (q - zp)·s
 
 so with the offset o = 2^(b-1), q = c - o and zp = z - o hold the same grid exactly: q - zp = c - z, an integer
-that fp32 holds exactly, times the same fp32 s. The codes are packed by compressed-tensors' own compressor
+that fp32 holds exactly, times the same s (an fp16 value: jacquant's forward multiplies by fp16(s)). The codes are
+packed by compressed-tensors' own compressor
 (``ModelCompressor``: 32 consecutive b-bit values in b int32 words; the zero points packed the same way along the
 output dimension) from the weight s·(c - z), which it rounds back to c exactly (|s·k / s - k| is a few ulp of k).
 :func:`export_hf` checks every packed layer's codes and zero points against the model's after packing.
 
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads the directory on CPU through the compressed-tensors
 package (``pip install compressed-tensors``): ``quantization_config`` carries ``"dequantize": true``, so every
-layer is unpacked once at load time into the dense fp32 weight s·(c - z), bit for bit the converted model's.
+layer is unpacked once at load time into the dense weight s·(c - z). transformers computes that product in the dtype
+the checkpoint stores the scales in: ``scale_dtype=torch.float32`` (the default) gives the converted model's weights
+bit for bit; ``torch.float16`` stores 16 bits per scale instead of 32 (2.28 rather than 2.53 bits per weight at
+W2 g64, as AutoRound and GPTQ checkpoints count them) and the load rounds each weight to fp16, fp16(s·(c - z)),
+within 2^-11 of it relative (what any fp16 model of these weights computes).
 (Without it, transformers 5.25 with compressed-tensors 0.20.1 refuses asymmetric pack-quantized checkpoints: its
 default path prepares an unpacked zero point [N, K/G] and finds the packed one.) vLLM's compressed-tensors support
 reads this format on GPU (not tested here).
@@ -130,14 +135,15 @@ def quantization_config(layers: dict[str, QuantizedLayer], linear_names: list[st
 
 
 def export_hf(model: nn.Module, out_dir: str, *, tokenizer=None, card: Optional[dict] = None,
-              base_model: Optional[str] = None) -> dict:
+              base_model: Optional[str] = None, scale_dtype: torch.dtype = torch.float32) -> dict:
     """Write a trained or converted Hugging Face causal LM as a compressed-tensors ``pack-quantized`` directory.
 
     The directory holds ``config.json`` (with ``quantization_config``), ``model.safetensors`` (per quantized
-    layer ``weight_packed`` int32, ``weight_scale`` fp32 [N, K/G], ``weight_zero_point`` int32 packed,
-    ``weight_shape``; every other tensor as the model holds it), ``generation_config.json``, the tokenizer if
-    given, and ``README.md``, a model card built from ``card`` (a ``jacquant train`` summary, jacquant.json).
-    ``from_pretrained(out_dir)`` then computes the converted model's weights s·(c - z) bit for bit.
+    layer ``weight_packed`` int32, ``weight_scale`` [N, K/G] in ``scale_dtype``, ``weight_zero_point`` int32
+    packed, ``weight_shape``; every other tensor as the model holds it), ``generation_config.json``, the tokenizer
+    if given, and ``README.md``, a model card built from ``card`` (a ``jacquant train`` summary, jacquant.json).
+    ``from_pretrained(out_dir)`` then computes the converted model's weights s·(c - z) bit for bit with fp32
+    scales, or fp16(s·(c - z)) with fp16 scales (the module docstring). The scales are fp16 values either way.
 
     Written into a temporary directory beside ``out_dir`` and renamed when complete. Raises FileExistsError for an
     ``out_dir`` that exists and is not empty, FileNotFoundError for a missing parent, ValueError for a model that
@@ -155,12 +161,15 @@ def export_hf(model: nn.Module, out_dir: str, *, tokenizer=None, card: Optional[
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} is not a transformers model (no config / save_pretrained): the "
                          "Hugging Face checkpoint needs a transformers causal LM")
+    if scale_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"scale_dtype {scale_dtype}: the scales are stored as torch.float32 (exact weights in "
+                         "transformers) or torch.float16 (half the scale bytes)")
     conv = converted_copy(model)  # ValueError for a model jacquant never quantized
     layers = hf_layers(conv)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
         os.chmod(tmp, 0o755)
-        _write(conv, layers, tmp, tokenizer, card, base_model)
+        _write(conv, layers, tmp, tokenizer, card, base_model, scale_dtype)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -173,7 +182,8 @@ def export_hf(model: nn.Module, out_dir: str, *, tokenizer=None, card: Optional[
             "format": f"compressed-tensors {FORMAT}"}
 
 
-def _write(conv: nn.Module, layers: dict[str, QuantizedLayer], out: str, tokenizer, card, base_model) -> None:
+def _write(conv: nn.Module, layers: dict[str, QuantizedLayer], out: str, tokenizer, card, base_model,
+           scale_dtype: torch.dtype) -> None:
     """The dense skeleton with W = s·(c - z), compressed and saved by compressed-tensors, then config, card."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
@@ -215,6 +225,9 @@ def _write(conv: nn.Module, layers: dict[str, QuantizedLayer], out: str, tokeniz
             m.weight_zero_point.copy_(to_signed(q.zero_point, q.bits).to(m.weight_zero_point.dtype))
     compressor = ModelCompressor.from_pretrained_model(skeleton, quantization_format=FORMAT)
     compressor.compress_model(skeleton)
+    for name in layers:  # fp16 values: either dtype holds them exactly
+        m = skeleton.get_submodule(name)
+        m.weight_scale.data = m.weight_scale.data.to(scale_dtype)
     _check_packed(skeleton, layers)
     if getattr(skeleton.config, "tie_word_embeddings", False):
         skeleton.tie_weights()  # one tensor for the tied embedding and head, so it is stored once
@@ -229,7 +242,7 @@ def _write(conv: nn.Module, layers: dict[str, QuantizedLayer], out: str, tokeniz
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(model_card(type(conv).__name__, layers, card, base_model, dir_bytes(out)))
+        f.write(model_card(type(conv).__name__, layers, card, base_model, dir_bytes(out), scale_dtype))
 
 
 def _check_packed(skeleton: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
@@ -254,7 +267,8 @@ def dir_bytes(path: str) -> int:
 
 
 def model_card(model_class: str, layers: dict[str, QuantizedLayer], card: Optional[dict] = None,
-               base_model: Optional[str] = None, nbytes: Optional[int] = None) -> str:
+               base_model: Optional[str] = None, nbytes: Optional[int] = None,
+               scale_dtype: torch.dtype = torch.float32) -> str:
     """README.md of the exported directory: what was trained, on what, how, and the perplexities of ``card``."""
     card = card or {}
     grids = sorted({(q.bits, q.group) for q in layers.values()})
@@ -262,16 +276,18 @@ def model_card(model_class: str, layers: dict[str, QuantizedLayer], card: Option
     weights = sum(q.codes.numel() for q in layers.values())
     scales = sum(q.scale.numel() for q in layers.values())
     bits = sum(q.codes.numel() * q.bits for q in layers.values())
-    bpw = (bits + 32 * scales + sum(q.zero_point.numel() * q.bits for q in layers.values())) / max(weights, 1)
+    scale_bits = 16 if scale_dtype == torch.float16 else 32
+    bpw = (bits + scale_bits * scales + sum(q.zero_point.numel() * q.bits for q in layers.values())) / max(weights, 1)
     source = base_model or card.get("model")
     lines = ["---", "library_name: transformers", "tags: [jacquant, compressed-tensors, quantized, qat]"]
     lines += ([f"base_model: {base_model}"] if base_model else []) + ["---", ""]
     lines += [f"# {model_class}, {grid}, quantization-aware trained by jacquant", ""]
     lines += [f"{len(layers)} nn.Linear weights ({weights:,} weights) on an integer grid per group along the input: "
-              f"Q(w) = s·(c − z), codes c and zero points z of {'/'.join(str(b) for b, _ in grids)} bits, fp32 "
-              f"scales s ({bpw:.2f} bits per quantized weight with scales and zero points); embeddings, norms and "
+              f"Q(w) = s·(c − z), codes c and zero points z of {'/'.join(str(b) for b, _ in grids)} bits, "
+              f"{'fp16' if scale_bits == 16 else 'fp32'} scales s ({bpw:.2f} bits per quantized weight with scales and zero points); embeddings, norms and "
               "other layers full precision. Stored in compressed-tensors' `pack-quantized` format (asymmetric INT, "
-              "group strategy); the weights are the trained model's, bit for bit." +
+              "group strategy); " + ("the weights are the trained model's, bit for bit." if scale_bits == 32 else
+              "transformers computes each weight in fp16, within 2^-11 of the trained model's relative.") +
               (f" Source model: `{source}`." if source else ""), ""]
     if card:
         how = [f"method `{card.get('method')}`", f"{card.get('steps')} steps", f"{card.get('tokens'):,} tokens"
@@ -402,7 +418,11 @@ def _safetensors_files(path: str) -> list[str]:
 def apply_hf_quantized(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
     """Set a transformed model's sites to the checkpoint's grid, in place: s, z, and the weight W = s·(c - z),
     so that the site's codes round(W/s + z) are the checkpoint's c (checked). The model's sites must be exactly
-    ``layers`` (by name), with their bits and group; else ValueError naming the layer."""
+    ``layers`` (by name), with their bits and group; else ValueError naming the layer. Scales that are not fp16
+    values (an fp32 checkpoint's) are kept, and the forward multiplies by fp16(s): a warning says by how much that
+    changes them."""
+    import warnings
+
     from jacquant.qat.quantizer import sites
 
     found = {s.name: s for s in sites(model)}
@@ -422,6 +442,13 @@ def apply_hf_quantized(model: nn.Module, layers: dict[str, QuantizedLayer]) -> n
         s.weight.copy_(q.dequantized().to(device, s.weight.dtype))
         if not torch.equal(qz.codes(s.weight).cpu(), q.codes):
             raise RuntimeError(f"layer `{name}`: the codes of s·(c - z) do not round back to c; report this")
+    rounded = {name: (q.scale.half().float() - q.scale).abs().div(q.scale.abs().clamp_min(SCALE_FLOOR)).max().item()
+               for name, q in layers.items()}
+    off = {name: r for name, r in rounded.items() if r > 0}
+    if off:
+        warnings.warn(f"{len(off)} of {len(layers)} layers store scales that are not fp16 values (e.g. "
+                      f"`{next(iter(off))}`); jacquant's forward multiplies by fp16(s), which moves them by at most "
+                      f"{max(off.values()):.1e} relative; the codes are the checkpoint's", stacklevel=2)
     return model
 
 

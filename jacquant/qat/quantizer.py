@@ -17,7 +17,8 @@ class WeightQuantizer(nn.Module):
     """Quantizer state for one weight that feeds a matmul, registered on the module that runs it.
 
     Holds, per group of G weights along the input dimension K:
-      ``scale``       s, a learnable Parameter [N, K/G] (LSQ gradient),
+      ``scale``       s, a learnable Parameter [N, K/G] (LSQ gradient); the forward multiplies by fp16(s), the
+                      value an exported model stores (:func:`effective_scale`),
       ``zero_point``  z, an integer buffer [N, K/G] (uint8),
       ``jac``         B, JacQuant's Jacobian surrogate, a buffer [N, K/G] (1 = STE).
 
@@ -25,8 +26,7 @@ class WeightQuantizer(nn.Module):
     passed in as the owner stores it: [N, K], or [K, N] for ``transposed`` sites (GPT-2's Conv1D,
     ``x @ W``); the quantizer works on the [N, K] view.
 
-    ``format`` is None, or ``"q4_0"`` (GGUF's Q4_0: zero point 8, group 32, the scale rounded to fp16 in the
-    forward with a straight-through gradient, :func:`effective_scale`). The scale-and-min formats are
+    ``format`` is None, or ``"q4_0"`` (GGUF's Q4_0: zero point 8, group 32). The scale-and-min formats are
     :class:`AffineQuantizer`.
     """
 
@@ -49,15 +49,16 @@ class WeightQuantizer(nn.Module):
             scale, zero_point = init_scale(w, config.bits, self.group, config.init, config.symmetric)
         else:
             raise ValueError(f"layer `{name}`: format {format!r} is a scale-and-min format: use AffineQuantizer")
-        self.scale = nn.Parameter(scale.to(w.device))
+        self.scale = nn.Parameter(formats.fp16_scale(scale).to(w.device))
         self.register_buffer("zero_point", zero_point.to(w.device))
         self.register_buffer("jac", torch.ones_like(self.scale, requires_grad=False))
 
     def effective_scale(self) -> Tensor:
-        """The scale the forward uses: ``scale``, or for Q4_0 its fp16 value (straight-through gradient)."""
-        if self.format == "q4_0":
-            return formats.ste(self.scale, formats.fp16_scale(self.scale))
-        return self.scale
+        """The scale the forward uses: fp16(s), clamped to [2^-24, 65504], with a straight-through gradient.
+
+        Every grid stores its scales in fp16 (GGUF's d, compressed-tensors' ``weight_scale``, AutoRound's), so the
+        model trains on the values it ships: 16 bits per group, not 32."""
+        return formats.ste(self.scale, formats.fp16_scale(self.scale))
 
     def grid_inputs(self, w_nk: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(w', s, z) with the forward's v = w'/s + z: what diagnostics and estimators read (no gradient)."""
