@@ -2,10 +2,11 @@
 windows and calibration set) with the forward's fp16(s), and the same start with fp32 scales (fp16 rounding switched
 off for this script only: the quantizer's forward and init, and GPTQ's stored scale), on the same code and windows.
 
-    python benchmarks/fp16_scales.py            # prints the table, appends rows to results/fp16_scales.jsonl
+    python benchmarks/fp16_scales.py [--bits 4,3,2]   # prints the table, appends rows to results/fp16_scales.jsonl
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -37,6 +38,9 @@ def fp32_scales():
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", default="4,3,2")
+    a = ap.parse_args()
     fp, tok, _ = models.load_fp()
     toks = lm_track.tokens(data.load_corpus(), tok)
     base = lm_track.DEFAULT
@@ -58,7 +62,7 @@ def main() -> None:
 
     print("| bits | scales | GPTQ start, Python docs ↓ | Debian FAQ ↓ | KL to fp ↓ | bits/weight |")
     print("|---|---|---|---|---|---|")
-    for bits in (4, 3, 2):
+    for bits in (int(b) for b in a.bits.split(",")):
         with fp32_scales():
             a = measured(bits, "fp32")
         b = measured(bits, "fp16")

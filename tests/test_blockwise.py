@@ -127,6 +127,30 @@ def test_a_time_budget_splits_over_the_blocks_and_ends_in_time(monkeypatch):
     assert out["seconds"] == pytest.approx(0.2, abs=0.03)
 
 
+def test_a_block_left_no_time_keeps_its_start_and_the_forwards_count_against_the_budget(monkeypatch):
+    fp, q, x = _setup()
+    start = copy.deepcopy(q)
+    clock = {"t": 0.0}
+
+    def tick():
+        clock["t"] += 1e-3
+        return clock["t"]
+
+    real = blockwise._forward
+
+    def slow_forward(*args, **kwargs):  # each forward that fills a cache costs 50 ms of the budget
+        clock["t"] += 0.05
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blockwise.time, "perf_counter", tick)
+    monkeypatch.setattr(blockwise, "_forward", slow_forward)
+    out = train_blocks(q, fp, RECIPES["ste"], x, BlockwiseConfig(seconds=0.2, lr=0.05, batch=4), progress=False)
+    # block 0 gets half of what is left after its target forward, then its own forward: nothing is left for block 1
+    assert out["blocks"][0]["steps"] > 10 and out["blocks"][1]["steps"] == 0
+    for k, v in start.model.layers[1].state_dict().items():
+        assert torch.equal(q.model.layers[1].state_dict()[k], v), k
+
+
 def test_a_run_stopped_after_a_block_resumes_bit_for_bit(tmp_path, monkeypatch):
     fp, q, x = _setup()
     whole = copy.deepcopy(q)

@@ -28,6 +28,9 @@ def test_run_quick_writes_report_with_finite_numbers_and_matching_onnx(tmp_path,
         assert all(math.isfinite(v) for v in r["metrics"].values()), r
         if r["method"] in TRAINED:
             assert len(r["curve"]) == res["meta"]["lm_budget"]["steps"] if r["track"] == "lm" else len(r["curve"]) > 0
+    # every trained method starts from the same calibrated start, scored once on the tuning slice
+    befores = {r["phases"]["e2e"]["before"] for r in res["rows"] if r["track"] == "lm" and r["method"] in TRAINED}
+    assert len(befores) == 1 and all(math.isfinite(b) for b in befores)
     lm = res["summary"]["lm"]
     # SmolLM2 as shipped predicts the held-out docs (a broken loader is near uniform, 49152); W2 RTN destroys it,
     # and even 3 QAT steps recover part of the gap

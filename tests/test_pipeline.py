@@ -46,6 +46,10 @@ def test_a_phase_that_worsens_the_score_is_undone_exactly_and_a_better_one_kept(
     _, rec = keep_better(model, shrink, score)
     assert rec["kept"] and rec["after"] == pytest.approx(0.5 * rec["before"], rel=1e-5)
 
+    calls = []  # a score the caller already has is not measured again: the phase is scored after it only
+    _, rec = keep_better(model, shrink, lambda m: calls.append(m) or score(m), before=rec["after"])
+    assert len(calls) == 1 and rec["kept"] and rec["after"] == pytest.approx(0.5 * rec["before"], rel=1e-5)
+
 
 def test_a_timed_schedule_warms_up_decays_by_cosine_and_ends_on_the_clock(monkeypatch):
     clock = {"t": 0.0}

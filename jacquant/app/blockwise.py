@@ -24,9 +24,10 @@ of ``checks`` equal parts of its run and at the end; the block keeps its lowest-
 than it started on the calibration set (AutoRound keeps its best iteration the same way, by the batch loss).
 
 Time: ``steps`` iterations per block, or ``seconds`` for the whole phase: each block then gets the time left
-over the blocks left, its schedule runs on the fraction f of that time spent (``steps``, when also given, caps
-it). Memory: three activation caches of [windows, T, d] float32 (:class:`ActivationCache`, memory-mapped past
-their budget). Resumable: after each block the model's state and the block index are saved in
+over the blocks left, less what the block before spent beyond its allowance (the forwards that fill the caches,
+its last check, the checkpoint); its schedule runs on the fraction f of that time spent (``steps``, when also
+given, caps it), and a block left no time keeps its start. Memory: three activation caches of [windows, T, d]
+float32 (:class:`ActivationCache`, memory-mapped past their budget). Resumable: after each block the model's state and the block index are saved in
 ``checkpoint_dir``; a rerun replays the finished blocks forward to rebuild the caches, then continues.
 """
 from __future__ import annotations
@@ -239,7 +240,9 @@ def train_block(block: nn.Module, recipe: Recipe, config: BlockwiseConfig, loss_
 
     def fraction(t: int) -> float:
         f = t / config.steps if config.steps else 0.0
-        return max(f, (time.perf_counter() - t0) / seconds) if seconds is not None else f
+        if seconds is None:
+            return f
+        return max(f, (time.perf_counter() - t0) / seconds) if seconds > 0 else 1.0  # no time: no step
 
     def snapshot() -> dict:
         return {k: v.detach().clone() for k, v in block.state_dict().items()}
@@ -253,7 +256,7 @@ def train_block(block: nn.Module, recipe: Recipe, config: BlockwiseConfig, loss_
     try:
         for idx in batches:
             f = fraction(len(curve))
-            if f >= 1.0 or (seconds == 0):
+            if f >= 1.0:
                 break
             opt.set_fraction(f)
             loss = loss_fn(block, idx)
@@ -317,7 +320,7 @@ def train_blocks(model: nn.Module, fp_model: nn.Module, recipe: Recipe, windows:
         for i in range(start):  # resumed: replay the finished blocks to rebuild the caches
             _forward(fp_blocks[i], xf, xf.hidden)
             _forward(blocks[i], xq, xq.hidden)
-        overhead = 0.0  # the last block's seconds outside its training (the forwards that fill the caches)
+        overhead = 0.0  # the last block's seconds beyond its training allowance (forwards, last check, checkpoint)
         for i in tqdm(range(start, len(blocks)), desc=f"block-wise {recipe.name}", disable=not progress, initial=start,
                       total=len(blocks)):
             t_block = time.perf_counter()
@@ -351,12 +354,12 @@ def train_blocks(model: nn.Module, fp_model: nn.Module, recipe: Recipe, windows:
             blocks[i].eval()
             _forward(blocks[i], xq, xq.hidden)
             xf.hidden, y = y, xf.hidden  # X^fp_{i+1} = Y_i; the old X^fp buffer holds the next targets
-            overhead = time.perf_counter() - t_block - run.seconds
             if state_path:
                 tmp = state_path + ".tmp"
                 torch.save({"model": model.state_dict(), "block": i + 1, "curves": curves, "blocks": runs,
                             "seconds": spent + time.perf_counter() - t_phase}, tmp)
                 os.replace(tmp, state_path)
+            overhead = time.perf_counter() - t_block - (seconds or 0.0)
     finally:
         for c in (xq.hidden, xf.hidden, y):
             c.close()

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the full-precision model to distil from and compare to, when MODEL is a quantized checkpoint "
                          "(default: MODEL itself)")
     tr.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
-    tr.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    tr.add_argument("--batch", type=int, default=2,
+                    help="sequences per end-to-end step (default 2: 512 tokens, the equal-time pipeline's step)")
     tr.add_argument("--lr", type=float, default=None,
                     help="end-to-end peak learning rate, cosine decay (default 1e-3 at 2 bits, halved per further bit)")
     tr.add_argument("--loss", default="kd", choices=("ce", "kd"),

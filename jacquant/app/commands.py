@@ -91,8 +91,8 @@ class TrainArgs:
     steps: Optional[int] = None
     tokens: Optional[int] = None
     budget: Optional[float] = None  # wall seconds for the whole run (start, block-wise, end to end)
-    seq: int = 256
-    batch: int = 8
+    seq: int = 256  # the windows of calibration, evaluation and the end-to-end batches
+    batch: int = 2  # 512 tokens a step, as the equal-time table's 4 × 128 (8 × 256 made 20 steps in 20 min: worse)
     lr: Optional[float] = None  # None: e2e_lr(bits)
     seed: int = 0
     device: str = "cpu"

@@ -109,21 +109,15 @@ def perplexity(model: nn.Module, windows: Tensor, batch: int = 16) -> float:
     return math.exp(total / len(windows))
 
 
-@torch.no_grad()
 def mean_kl(model: nn.Module, reference: nn.Module, windows: Tensor, batch: int = 8) -> float:
     """Mean over the tokens of ``windows`` [n, T + 1] (inputs ``w[:, :-1]``) of KL(p_ref ‖ p_model), the
-    divergence of ``model``'s next-token distribution from ``reference``'s (the fp model's)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
+    divergence of ``model``'s next-token distribution from ``reference``'s (the fp model's): the KL of
+    :func:`perplexity_and_kl`, with the reference's log-probabilities computed one batch at a time (no [n, T, V] cache)."""
+    total = 0.0
     for i in range(0, len(windows), batch):
-        x = windows[i:i + batch, :-1]
-        ref = F.log_softmax(reference(input_ids=x, use_cache=False).logits.float(), -1)
-        got = F.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)
-        total += float((ref.exp() * (ref - got)).sum(-1).sum())
-        count += x.numel()
-    model.train(was)
-    return total / count
+        w = windows[i:i + batch]
+        total += perplexity_and_kl(model, w, reference_log_probs(reference, w, batch), batch)[1] * w[:, 1:].numel()
+    return total / windows[:, 1:].numel()
 
 
 @torch.no_grad()
@@ -260,6 +254,7 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
     for seed in seeds:
         calib = calibration_set(pipe, toks.train, seed, device, force=any(r.name == "gptq" for r in methods))
         starts: dict[str, tuple[nn.Module, float]] = {}
+        start_tune: dict[str, float] = {}  # each start's tuning-slice perplexity, shared by every method's first phase
 
         def start(kind: str) -> tuple[nn.Module, float]:
             if kind not in starts:
@@ -281,8 +276,11 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
             logp, train_s = None, 0.0
             if recipe.train:
                 logp = os.path.join(out_dir, f"lm-{recipe.name}-s{seed}.jsonl") if out_dir else None
+                if pipe.start not in start_tune:  # the backward rule does not change the forward: one score a start
+                    start_tune[pipe.start] = perplexity(base, tune)
                 model, done = train_from(base, fp_model, recipe, budget, objective, toks.train, calib, seed, device,
-                                         log_path=logp, score=lambda m: perplexity(m, tune))
+                                         log_path=logp, score=lambda m: perplexity(m, tune),
+                                         start_score=start_tune[pipe.start])
                 curve, block_curves = done.curve, done.block_curves
                 train_s = time.perf_counter() - t0
             seconds = time.perf_counter() - t0 + start_s  # the shared start counts for every method that uses it
@@ -306,13 +304,14 @@ def run(fp_model: nn.Module, toks: Tokens, methods: list[Recipe], seeds: list[in
 
 def train_from(start: nn.Module, fp_model: nn.Module, recipe: Recipe, budget: Budget, objective: Callable,
                train: Tensor, calib: Optional[Tensor], seed: int, device, log_path: Optional[str] = None,
-               score: Optional[Callable[[nn.Module], float]] = None) -> tuple[nn.Module, Phases]:
+               score: Optional[Callable[[nn.Module], float]] = None,
+               start_score: Optional[float] = None) -> tuple[nn.Module, Phases]:
     """One method's run of the main job from a given ``start`` (:func:`jacquant.app.pipeline.train_phases` with the
     main job's seeds and logging; ``score``, the tuning slice's perplexity, keeps the better model after each
-    phase). Returns (model, the phases' result)."""
+    phase; ``start_score``, the start's, if measured). Returns (model, the phases' result)."""
     return train_phases(start, fp_model, recipe, budget, objective, train, calib, Seeds.main_job(seed), device=device,
                         log_path=log_path, log_every=max(1, budget.steps // 10), desc=f"lm {recipe.name} seed {seed}",
-                        score=score)
+                        score=score, start_score=start_score)
 
 
 def recovery(ppl: float, ppl_rtn: float, ppl_fp: float) -> float:

@@ -281,7 +281,8 @@ def train_phases(start: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budg
 def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budget: Budget, objective: Callable,
                stream: Tensor, calib: Optional[Tensor], seeds: Seeds, *, device="cpu", block_dir: Optional[str] = None,
                skip_block: bool = False, after_block: Optional[Callable[[], None]] = None, progress: bool = True,
-               score: Optional[Callable[[nn.Module], float]] = None, **train_kwargs) -> Phases:
+               score: Optional[Callable[[nn.Module], float]] = None, start_score: Optional[float] = None,
+               **train_kwargs) -> Phases:
     """The trained phases of ``budget`` on ``model`` (a transformed start with ``recipe``'s rule), in place:
 
         block-wise   :func:`jacquant.app.blockwise.train_blocks` on ``calib`` (when ``budget.pipeline.block`` is
@@ -294,20 +295,21 @@ def run_phases(model: nn.Module, fp: Optional[nn.Module], recipe: Recipe, budget
                      is one more batch of the training stream (seeded ``seeds.probe``, from the same data)
 
     With ``score`` (the tuning slice's perplexity), each phase is scored before and after and the better model
-    kept (:func:`keep_better`): no phase ends worse than it started on the tuning slice. ``fp`` (the full-precision
+    kept (:func:`keep_better`): no phase ends worse than it started on the tuning slice; ``start_score``, the score of
+    ``model`` as given where the caller has it already (one pass fewer). ``fp`` (the full-precision
     model) is needed by the block-wise phase only. ``train_kwargs`` go to :func:`jacquant.app.train.train`
     (log_path, checkpoint, desc, ...).
     """
     pipeline = budget.pipeline
     block_curves: list = []
     record: dict = {}
-    last = None  # the tuning score of the model as it stands
+    last = start_score  # the tuning score of the model as it stands
     if pipeline.block.active and not skip_block:
         if fp is None:
             raise ValueError("the block-wise phase trains each block against the fp model's: pass fp")
         out, record["block"] = keep_better(model, lambda: train_blocks(
             model, fp, recipe, calib, pipeline.block, seed=seeds.run, checkpoint_dir=block_dir, progress=progress),
-            score)
+            score, last)
         block_curves = out["curves"]
         record["block"]["blocks"] = out["blocks"]
         last = record["block"]["after"] if record["block"]["kept"] else record["block"]["before"]
